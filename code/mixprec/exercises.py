@@ -1,0 +1,140 @@
+"""Checkers for the exercises: call one with your answer and read the feedback.
+
+Each checker returns a ``CheckResult``: it is truthy when the answer is right, prints as plain text,
+and shows as a coloured box in a notebook. Feedback names the first thing that is wrong and why,
+not just "wrong".
+"""
+
+from __future__ import annotations
+
+import html
+import math
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+
+from .formats import FloatFormat, get_format, round_to_format
+from .summation import running_sum
+
+
+@dataclass
+class CheckResult:
+    passed: bool
+    messages: list[str] = field(default_factory=list)
+
+    def __bool__(self) -> bool:
+        return self.passed
+
+    def __str__(self) -> str:
+        head = "✔ 正确" if self.passed else "✘ 还不对"
+        return "\n".join([head] + [f"- {m}" for m in self.messages])
+
+    def _repr_html_(self) -> str:
+        colour = "#e8f5e9" if self.passed else "#fdecea"
+        items = "".join(f"<li>{html.escape(m)}</li>" for m in self.messages)
+        head = "✔ 正确" if self.passed else "✘ 还不对"
+        return f'<div style="background:{colour};padding:6px 12px;border-radius:4px"><b>{head}</b><ul>{items}</ul></div>'
+
+
+def _close(a: float, b: float) -> bool:
+    return a == b or (math.isfinite(a) and math.isfinite(b) and math.isclose(a, b, rel_tol=1e-9))
+
+
+# --- exercise: derive a format's limits -----------------------------------------------------------
+
+def check_format_limits(fmt: str | FloatFormat, *, max: float, min_normal: float, min_subnormal: float, eps: float) -> CheckResult:
+    """Check the four numbers that describe a format's range and precision."""
+    f = get_format(fmt)
+    answers = {"max": max, "min_normal": min_normal, "min_subnormal": min_subnormal, "eps": eps}
+    truth = {"max": f.max, "min_normal": f.min_normal, "min_subnormal": f.min_subnormal, "eps": f.eps}
+    msgs = []
+    for key, value in answers.items():
+        try:
+            value = float(value)
+        except (TypeError, ValueError):
+            msgs.append(f"{key}: 需要一个数，收到的是 {value!r}")
+            continue
+        if _close(value, truth[key]):
+            msgs.append(f"{key} = {truth[key]:.6g} ✔")
+            continue
+        hint = f"{key}: 你的答案是 {value:.6g}，还不对。"
+        ieee_max = math.ldexp(2 - 2.0 ** -f.mantissa_bits, 2**f.exponent_bits - 2 - f.bias)
+        if key == "max" and f.special == "fn" and _close(value, ieee_max):
+            hint += f" 这是按 IEEE 规则（全 1 指数留给 inf/NaN）算的；{f.name} 没有 inf，全 1 指数也表示普通数，只有全 1 的码是 NaN。"
+        elif key == "max" and _close(value, math.ldexp(1.0, f.emax + 1)):
+            hint += " 2^(emax+1) 本身已经超出范围：最大值是 (2 - 2^-M) × 2^emax 这一类形式。"
+        elif key == "min_subnormal" and _close(value, f.min_normal):
+            hint += " 这是最小正规数；次正规数还能再往下走 M 位，最小的是 2^(emin - M)。"
+        elif key == "min_normal" and _close(value, math.ldexp(1.0, -f.bias)):
+            hint += " 指数字段全 0 留给零和次正规数，最小正规数的指数字段是 1，即 2^(1 - bias)。"
+        elif key == "eps" and _close(value, math.ldexp(1.0, -f.mantissa_bits - 1)):
+            hint += " 这是单位舍入（eps 的一半）；eps 是 1 与下一个可表示数之差，2^-M。"
+        msgs.append(hint)
+    return CheckResult(all("✔" in m for m in msgs), msgs)
+
+
+# --- exercise: implement round-to-nearest-even to FP16 ----------------------------------------------
+
+def _round_cases() -> list[tuple[str, list[float], str]]:
+    h = 2.0**-24  # fp16's smallest subnormal
+    return [
+        ("能精确表示的数", [1.0, -2.5, 65504.0, 0.5, 1024.0], "可表示的数应当原样返回"),
+        ("普通舍入", [0.1, 3.14159, -1234.567, 1e-3], "结果应是最近的 FP16 数"),
+        ("平局取偶（ties to even）", [1 + 2**-11, 1 + 3 * 2**-11, 2049.0, 2051.0],
+         "恰好在两个 FP16 数正中间时，应取尾数最后一位为 0 的那个"),
+        ("次正规数", [1e-7, 3e-6, -5e-8, 3 * h / 2, h / 2 * 1.5],
+         "小于 6.1e-5 的数不会直接变 0：FP16 还有间距为 2^-24 的次正规数"),
+        ("下溢为零", [h / 2, 1e-9, -1e-10], "小于等于 2^-25 的数舍入到 0（2^-25 恰为平局，取偶得 0），并保留符号"),
+        ("溢出", [65520.0, 1e5, -7e4, 65519.0], "不小于 65520 的数在 FP16 中变成 inf；65519 仍舍入到 65504"),
+        ("特殊值", [math.inf, -math.inf, math.nan, -0.0], "inf、NaN 与 -0 应原样保留"),
+    ]
+
+
+def check_round_to_fp16(fn: Callable[[torch.Tensor], torch.Tensor]) -> CheckResult:
+    """Check a function that rounds a float32 tensor to FP16's values (returned as float32)."""
+    msgs = []
+    for name, values, why in _round_cases():
+        x = torch.tensor(values, dtype=torch.float32)
+        want = round_to_format(x, "fp16")
+        try:
+            got = fn(x.clone())
+        except Exception as exc:  # the reader's code: report, don't crash the notebook
+            msgs.append(f"{name}：函数抛出了异常 {type(exc).__name__}: {exc}")
+            return CheckResult(False, msgs)
+        if not isinstance(got, torch.Tensor) or got.shape != x.shape:
+            msgs.append(f"{name}：应返回与输入同形状的张量，收到 {type(got).__name__} {getattr(got, 'shape', '')}")
+            return CheckResult(False, msgs)
+        got = got.float()
+        same = (got == want) & (torch.signbit(got) == torch.signbit(want)) | (torch.isnan(got) & torch.isnan(want))
+        if not bool(same.all()):
+            i = int((~same).nonzero()[0])
+            msgs.append(f"{name}：输入 {values[i]!r} 应得到 {want[i].item()!r}，你的函数给出 {got[i].item()!r}。{why}。")
+            return CheckResult(False, msgs)
+        msgs.append(f"{name} ✔")
+    return CheckResult(True, msgs)
+
+
+# --- exercise: Kahan summation --------------------------------------------------------------------
+
+def check_kahan_sum(fn: Callable[[torch.Tensor, torch.dtype], float]) -> CheckResult:
+    """Check ``fn(values, dtype) -> float``, a compensated sum with the accumulator in ``dtype``."""
+    g = torch.Generator().manual_seed(7)
+    values = torch.rand(4000, generator=g) * 1e-3 + 1e-4
+    exact = float(values.double().sum())
+    msgs = []
+    for dtype in (torch.bfloat16, torch.float16):
+        try:
+            got = float(fn(values, dtype))
+        except Exception as exc:
+            return CheckResult(False, [f"{dtype}: 函数抛出了异常 {type(exc).__name__}: {exc}"])
+        naive = float(running_sum(values, dtype, "naive")[-1])
+        reference = float(running_sum(values, dtype, "kahan")[-1])
+        rel = abs(got - exact) / exact
+        if _close(got, naive) and not _close(naive, reference):
+            msgs.append(f"{dtype}: 结果 {got:.6g} 与普通累加完全相同。补偿项没有起作用：c = (t - s) - y 要在同一精度下计算，并在下一步先从新加数里减掉。")
+        elif abs(got - reference) / exact > 0.01 and rel > 0.01:
+            msgs.append(f"{dtype}: 结果 {got:.6g}，而精确和是 {exact:.6g}（相对误差 {rel:.1%}）。Kahan 求和在该精度下应在 1% 以内。")
+        else:
+            msgs.append(f"{dtype}: {got:.6g}，相对误差 {rel:.2%}；普通累加是 {naive:.6g} ✔")
+    return CheckResult(all("✔" in m for m in msgs), msgs)

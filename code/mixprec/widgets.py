@@ -1,0 +1,78 @@
+"""Interactive explorers that work on the static page (no kernel, no network) and in Jupyter/Colab.
+
+Each explorer is one HTML output with its JavaScript inlined, so the built book, a downloaded
+notebook and Colab all show the same working widget.
+"""
+
+from __future__ import annotations
+
+import html
+import json
+import uuid
+from importlib import resources
+
+from .formats import FloatFormat, get_format, torch_overflow_convention
+
+DEFAULT_FORMATS = ("fp64", "fp32", "tf32", "fp16", "bf16", "e4m3fn", "e5m2")
+
+_STYLE = """
+#{id} {{ font-family: system-ui, sans-serif; margin: 0.5em 0 1em; }}
+#{id} input {{ font: 1.05em monospace; padding: 4px 8px; width: 16em; }}
+#{id} table {{ border-collapse: collapse; margin-top: 0.5em; font-size: 0.92em; }}
+#{id} th, #{id} td {{ padding: 3px 10px; border-bottom: 1px solid #ddd; text-align: left; white-space: nowrap; }}
+#{id} .mp-bits span {{ cursor: pointer; font-family: monospace; font-size: 1.05em; padding: 0 1px; }}
+#{id} .mp-bits span:hover {{ outline: 1px solid #333; }}
+#{id} .mp-s {{ color: #c0392b; }} #{id} .mp-e {{ color: #1f5fbf; }} #{id} .mp-m {{ color: #2e8b3a; }}
+#{id} .mp-status {{ color: #555; font-size: 0.9em; margin-left: 0.8em; }}
+#{id} .mp-name {{ font-weight: 600; }}
+"""
+
+
+def explorer_script() -> str:
+    """The explorer's JavaScript, as shipped in the package."""
+    return resources.files("mixprec").joinpath("format_explorer.js").read_text(encoding="utf-8")
+
+
+def format_spec(fmt: FloatFormat) -> dict:
+    """What the JavaScript needs to know about a format; overflow follows the installed torch's CPU cast."""
+    return {
+        "name": fmt.name,
+        "E": fmt.exponent_bits,
+        "M": fmt.mantissa_bits,
+        "bias": fmt.bias,
+        "emin": fmt.emin,
+        "special": fmt.special,
+        "max": fmt.max,
+        "minNormal": fmt.min_normal,
+        "overflow": torch_overflow_convention(fmt, "cpu"),
+    }
+
+
+class FormatExplorer:
+    """Type a number; see its bits, rounded value and error in every format; click bits to flip them."""
+
+    def __init__(self, value: str = "0.1", formats: tuple[str, ...] = DEFAULT_FORMATS):
+        if not formats:
+            raise ValueError("formats must name at least one format")
+        self.formats = [get_format(f) for f in formats]
+        self.value = str(value)
+        self.id = "mp-" + uuid.uuid4().hex[:10]
+
+    def _repr_html_(self) -> str:
+        specs = json.dumps([format_spec(f) for f in self.formats])
+        header = "".join(f"<th>{h}</th>" for h in ("格式", "位（符号 指数 尾数）", "存储的值", "类别", "绝对误差", "相对误差"))
+        return (
+            f'<div id="{self.id}" class="mixprec-explorer">'
+            f"<style>{_STYLE.format(id=self.id)}</style>"
+            f'<label>输入一个数：<input type="text" value="{html.escape(self.value)}" spellcheck="false"></label>'
+            '<span class="mp-status"></span>'
+            f"<table><thead><tr>{header}</tr></thead><tbody></tbody></table>"
+            f"<script>{explorer_script()}\n"
+            f'MixprecFloat.mount(document.getElementById("{self.id}"), {specs});</script>'
+            "</div>"
+        )
+
+
+def format_explorer(value: str = "0.1", formats: tuple[str, ...] = DEFAULT_FORMATS) -> FormatExplorer:
+    """The float-format explorer, ready to be displayed as a cell's output."""
+    return FormatExplorer(value, formats)

@@ -1,0 +1,73 @@
+"""Each reference solution passes its checker; typical wrong answers fail with a specific message."""
+
+import math
+
+import torch
+
+from mixprec import exercises as X
+from mixprec.formats import round_to_format
+from mixprec.summation import kahan_sum, running_sum
+
+
+def test_format_limits_reference_and_wrong_answers():
+    assert X.check_format_limits("e4m3fn", max=448, min_normal=2**-6, min_subnormal=2**-9, eps=0.125)
+    assert X.check_format_limits("e3m4", max=15.5, min_normal=0.25, min_subnormal=2**-6, eps=2**-4)
+    r = X.check_format_limits("e4m3fn", max=240, min_normal=2**-6, min_subnormal=2**-6, eps=0.125)
+    assert not r
+    text = str(r)
+    assert "IEEE" in text and "最小正规数" in text
+    r = X.check_format_limits("fp16", max=65504, min_normal=2**-15, min_subnormal=2**-24, eps=2**-11)
+    assert not r and "2^(1 - bias)" in str(r) and "单位舍入" in str(r)
+    assert not X.check_format_limits("fp16", max="big", min_normal=2**-14, min_subnormal=2**-24, eps=2**-10)
+
+
+def test_round_to_fp16_checker():
+    assert X.check_round_to_fp16(lambda x: round_to_format(x, "fp16"))
+    assert X.check_round_to_fp16(lambda x: x.half().float())
+    flush = X.check_round_to_fp16(lambda x: torch.where(x.abs() < 2**-14, 0 * x, x.half().float()))
+    assert not flush and "次正规数" in str(flush)
+
+    def half_away_from_zero(x):
+        e = torch.floor(torch.log2(x.abs().clamp(min=2**-14)))
+        q = torch.exp2(e - 10)
+        r = torch.sign(x) * torch.floor(x.abs() / q + 0.5) * q
+        r = torch.where(r.abs() > 65504, torch.sign(x) * math.inf, r)
+        return torch.where(torch.isfinite(x), r, x)
+
+    ties = X.check_round_to_fp16(half_away_from_zero)
+    assert not ties and "平局取偶" in str(ties)
+    saturating = X.check_round_to_fp16(lambda x: x.clamp(-65504, 65504).half().float())
+    assert not saturating and "溢出" in str(saturating)
+    crash = X.check_round_to_fp16(lambda x: x.nonexistent())
+    assert not crash and "异常" in str(crash)
+    assert "<div" in crash._repr_html_()
+
+
+def test_kahan_checker():
+    assert X.check_kahan_sum(kahan_sum)
+    naive = X.check_kahan_sum(lambda v, d: float(running_sum(v, d, "naive")[-1]))
+    assert not naive and "补偿项没有起作用" in str(naive)
+    # compensation computed in float32 while the sum stays in low precision: still loses the tail
+    def wrong_precision(v, d):
+        s = torch.zeros((), dtype=d)
+        for x in v.to(d):
+            s = s + x
+        return float(s)
+    assert not X.check_kahan_sum(wrong_precision)
+
+
+def test_running_sum_shapes_and_errors():
+    v = torch.full((100, 3), 0.01)
+    out = running_sum(v, torch.float32)
+    assert out.shape == (100, 3) and abs(out[-1, 0].item() - 1.0) < 1e-5
+    # swamping: 1 + 1e-4, one thousand times, stays exactly 1 in fp16 and bf16
+    w = torch.cat([torch.ones(1), torch.full((1000,), 1e-4)])
+    for dt in (torch.float16, torch.bfloat16):
+        assert running_sum(w, dt)[-1].item() == 1.0
+        assert abs(running_sum(w, dt, "kahan")[-1].item() - 1.1) < 0.01
+    try:
+        running_sum(v, torch.float32, "pairwise")
+    except ValueError as e:
+        assert "naive" in str(e)
+    else:
+        raise AssertionError("unknown method accepted")

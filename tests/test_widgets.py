@@ -1,0 +1,52 @@
+"""The explorer's JavaScript, run in node, rounds exactly like mixprec.formats."""
+
+import json
+import math
+import shutil
+import subprocess
+
+import pytest
+import torch
+
+from mixprec import formats as F
+from mixprec.widgets import explorer_script, format_explorer, format_spec
+
+
+def test_html_is_self_contained():
+    page = format_explorer("0.1")._repr_html_()
+    assert "<script>" in page and "MixprecFloat.mount" in page
+    assert "http://" not in page and "https://" not in page and "src=" not in page
+    assert format_explorer()._repr_html_() != page  # each explorer has its own element id
+    with pytest.raises(ValueError):
+        format_explorer("1", formats=())
+
+
+@pytest.mark.skipif(shutil.which("node") is None, reason="node is not installed")
+def test_javascript_rounding_matches_python(tmp_path):
+    fmts = [F.FP16, F.BF16, F.E4M3, F.E5M2, F.TF32, F.get_format("e3m2")]
+    g = torch.Generator().manual_seed(0)
+    x = torch.cat([
+        torch.randn(2000, generator=g) * torch.exp2(torch.randint(-30, 18, (2000,), generator=g).float()),
+        torch.tensor([0.1, 1 + 2**-11, 65520.0, 65519.0, 464.0, 465.0, 2**-25, 3 * 2**-26, -0.0, 1e30, -1e-40]),
+    ])
+    script = tmp_path / "check.js"
+    script.write_text(explorer_script() + """
+const data = JSON.parse(require('fs').readFileSync(process.argv[2], 'utf8'));
+const out = data.formats.map(f => data.x.map(v => {
+  const r = MixprecFloat.roundToFormat(v, f);
+  const back = MixprecFloat.decode(MixprecFloat.fields(r, f), f);
+  return [MixprecFloat.show(r), MixprecFloat.show(back)];
+}));
+console.log(JSON.stringify(out));
+""")
+    payload = tmp_path / "in.json"
+    payload.write_text(json.dumps({"formats": [format_spec(f) for f in fmts], "x": x.tolist()}))
+    res = subprocess.run(["node", str(script), str(payload)], capture_output=True, text=True, check=True)
+    out = json.loads(res.stdout)
+    for f, rows in zip(fmts, out):
+        want = F.round_to_format(x, f).tolist()
+        for xi, w, (r, back) in zip(x.tolist(), want, rows):
+            got = {"NaN": math.nan, "inf": math.inf, "-inf": -math.inf, "-0": -0.0}.get(r, None)
+            got = float(r) if got is None else got
+            assert (math.isnan(w) and math.isnan(got)) or (w == got and math.copysign(1, w) == math.copysign(1, got)), (f.name, xi, w, r)
+            assert back == r, (f.name, xi, r, back)  # bits -> value round trip in JS
