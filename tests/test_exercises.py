@@ -3,7 +3,6 @@
 import math
 
 import torch
-
 from mixprec import exercises as X
 from mixprec.formats import round_to_format
 from mixprec.summation import kahan_sum, running_sum

@@ -4,7 +4,6 @@ import math
 
 import pytest
 import torch
-
 from mixprec import formats as F
 
 NATIVE = [F.FP16, F.BF16, F.E4M3, F.E5M2]

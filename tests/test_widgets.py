@@ -7,7 +7,6 @@ import subprocess
 
 import pytest
 import torch
-
 from mixprec import formats as F
 from mixprec.widgets import explorer_script, format_explorer, format_spec
 

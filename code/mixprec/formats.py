@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from functools import lru_cache
+from functools import cache
 from typing import Literal
 
 import torch
@@ -253,7 +253,7 @@ def decode_all(fmt: str | FloatFormat) -> torch.Tensor:
 
 # --- rounding ---------------------------------------------------------------------------------
 
-@lru_cache(maxsize=None)
+@cache
 def torch_overflow_convention(fmt: FloatFormat, device_type: str = "cpu") -> Literal["saturate", "nonfinite"]:
     """What the installed torch's own cast to ``fmt`` does with a too-large finite value, found by trying it."""
     if fmt.torch_dtype is None:
