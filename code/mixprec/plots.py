@@ -11,6 +11,7 @@ from __future__ import annotations
 import warnings
 
 import matplotlib
+import torch
 from matplotlib import font_manager
 
 CJK_FONTS = (
@@ -81,3 +82,56 @@ def label(zh: str, en: str) -> str:
 
 def color(fmt_name: str) -> str:
     return FORMAT_COLORS.get(fmt_name, "#333333")
+
+
+# --- figures of formats, reused by several chapters ------------------------------------------------
+
+def bit_layout(formats, ax=None):
+    """Sign, exponent and mantissa fields of each format as coloured boxes, one row per format."""
+    import matplotlib.pyplot as plt
+
+    from .formats import get_format
+
+    formats = [get_format(f) for f in formats]
+    if ax is None:
+        _, ax = plt.subplots(figsize=(8.5, 0.55 * len(formats) + 0.8))
+    colours = {"s": "#e6a0a0", "e": "#9fbbe6", "m": "#a8d8a0"}
+    for row, f in enumerate(formats):
+        y = len(formats) - 1 - row
+        fields = [("s", 1), ("e", f.exponent_bits), ("m", f.mantissa_bits)]
+        x = 0
+        for key, width in fields:
+            if width == 0:
+                continue
+            ax.add_patch(plt.Rectangle((x, y + 0.1), width, 0.8, facecolor=colours[key], edgecolor="white", linewidth=0.6))
+            if width >= 2:
+                ax.text(x + width / 2, y + 0.5, str(width), ha="center", va="center", fontsize=9)
+            x += width
+        ax.text(-0.8, y + 0.5, f.name, ha="right", va="center", fontsize=10, fontweight="bold")
+    ax.set_xlim(-7, 33)
+    ax.set_ylim(0, len(formats))
+    ax.axis("off")
+    handles = [plt.Rectangle((0, 0), 1, 1, facecolor=colours[k]) for k in "sem"]
+    ax.legend(handles, [label("符号", "sign"), label("指数", "exponent"), label("尾数", "mantissa")],
+              loc="lower right", ncol=3, fontsize=9, bbox_to_anchor=(1.0, -0.15))
+    return ax
+
+
+def value_grid(fmt, ax=None, flush_subnormals: bool = False, y: float = 0.0, **kwargs):
+    """Every non-negative finite value of a small format on a number line; subnormals in orange."""
+    import matplotlib.pyplot as plt
+
+    from .formats import decode_all, get_format
+
+    fmt = get_format(fmt)
+    if ax is None:
+        _, ax = plt.subplots(figsize=(8, 1.6))
+    v = decode_all(fmt)
+    v = v[torch.isfinite(v) & (v >= 0)].unique()
+    sub = (v > 0) & (v < fmt.min_normal)
+    if flush_subnormals:
+        v, sub = v[~sub], sub[~sub]
+    ax.plot(v[~sub], [y] * int((~sub).sum()), "|", markersize=14, color=kwargs.get("color", "#1f5fbf"))
+    ax.plot(v[sub], [y] * int(sub.sum()), "|", markersize=14, color="#e67e22")
+    return ax
+
