@@ -94,7 +94,7 @@ def bit_layout(formats, ax=None):
 
     formats = [get_format(f) for f in formats]
     if ax is None:
-        _, ax = plt.subplots(figsize=(8.5, 0.55 * len(formats) + 0.8))
+        _, ax = plt.subplots(figsize=(9, 0.5 * len(formats) + 0.8))
     colours = {"s": "#e6a0a0", "e": "#9fbbe6", "m": "#a8d8a0"}
     for row, f in enumerate(formats):
         y = len(formats) - 1 - row
@@ -108,7 +108,7 @@ def bit_layout(formats, ax=None):
                 ax.text(x + width / 2, y + 0.5, str(width), ha="center", va="center", fontsize=9)
             x += width
         ax.text(-0.8, y + 0.5, f.name, ha="right", va="center", fontsize=10, fontweight="bold")
-    ax.set_xlim(-7, 33)
+    ax.set_xlim(-7, max(f.bits for f in formats) + 1)
     ax.set_ylim(0, len(formats))
     ax.axis("off")
     handles = [plt.Rectangle((0, 0), 1, 1, facecolor=colours[k]) for k in "sem"]

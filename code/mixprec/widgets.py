@@ -13,14 +13,15 @@ from importlib import resources
 
 from .formats import FloatFormat, get_format, torch_overflow_convention
 
-DEFAULT_FORMATS = ("fp64", "fp32", "tf32", "fp16", "bf16", "e4m3fn", "e5m2")
+DEFAULT_FORMATS = ("fp32", "tf32", "fp16", "bf16", "e4m3fn", "e5m2")
 
 _STYLE = """
 #{id} {{ font-family: system-ui, sans-serif; margin: 0.5em 0 1em; }}
 #{id} input {{ font: 1.05em monospace; padding: 4px 8px; width: 16em; }}
-#{id} table {{ border-collapse: collapse; margin-top: 0.5em; font-size: 0.92em; }}
+#{id} .mp-scroll {{ overflow-x: auto; max-width: 100%; }}
+#{id} table {{ border-collapse: collapse; margin-top: 0.5em; font-size: 0.85em; }}
 #{id} th, #{id} td {{ padding: 3px 10px; border-bottom: 1px solid #ddd; text-align: left; white-space: nowrap; }}
-#{id} .mp-bits span {{ cursor: pointer; font-family: monospace; font-size: 1.05em; padding: 0 1px; }}
+#{id} .mp-bits span {{ cursor: pointer; font-family: monospace; font-size: 1em; padding: 0; }}
 #{id} .mp-bits span:hover {{ outline: 1px solid #333; }}
 #{id} .mp-s {{ color: #c0392b; }} #{id} .mp-e {{ color: #1f5fbf; }} #{id} .mp-m {{ color: #2e8b3a; }}
 #{id} .mp-status {{ color: #555; font-size: 0.9em; margin-left: 0.8em; }}
@@ -66,7 +67,7 @@ class FormatExplorer:
             f"<style>{_STYLE.format(id=self.id)}</style>"
             f'<label>输入一个数：<input type="text" value="{html.escape(self.value)}" spellcheck="false"></label>'
             '<span class="mp-status"></span>'
-            f"<table><thead><tr>{header}</tr></thead><tbody></tbody></table>"
+            f'<div class="mp-scroll"><table><thead><tr>{header}</tr></thead><tbody></tbody></table></div>'
             f"<script>{explorer_script()}\n"
             f'MixprecFloat.mount(document.getElementById("{self.id}"), {specs});</script>'
             "</div>"
