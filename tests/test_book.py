@@ -42,6 +42,7 @@ def test_chapters_rendered(build_log):
     assert page.count("<img") >= 6  # the figures
     assert "{glue" not in page  # every glue reference resolved
     assert "<table" in page  # computed tables render as tables
+    assert page.count("✔ 正确") >= 3  # each exercise's reference solution passes its checker in the built page
     for name in ("intro", "references"):
         assert (HTML / "book" / f"{name}.html").exists()
 
