@@ -27,15 +27,20 @@ def profile() -> Profile:
     return "full" if torch.cuda.is_available() else "quick"
 
 
-def _cpu_flags() -> set[str]:
+def _cpu_name_and_flags() -> tuple[str, set[str]]:
+    """The CPU's model name and instruction-set flags from /proc/cpuinfo (Linux); empty elsewhere."""
+    name, flags = platform.processor() or platform.machine(), set()
     try:
-        text = Path("/proc/cpuinfo").read_text()
+        lines = Path("/proc/cpuinfo").read_text().splitlines()
     except OSError:
-        return set()
-    for line in text.splitlines():
-        if line.startswith("flags"):
-            return set(line.split(":", 1)[1].split())
-    return set()
+        return name, flags
+    for line in lines:
+        key, _, value = line.partition(":")
+        if key.strip() == "model name" and name in (platform.processor(), platform.machine()):
+            name = value.strip()
+        elif key.strip() == "flags" and not flags:
+            flags = set(value.split())
+    return name, flags
 
 
 @dataclass(frozen=True)
@@ -71,7 +76,7 @@ def device_info(device: str | torch.device | None = None) -> DeviceInfo:
         return DeviceInfo("cuda", torch.cuda.get_device_name(dev), cc, native, notes)
     if dev.type != "cpu":
         raise ValueError(f"device must be 'cpu' or 'cuda', got {dev.type!r}")
-    flags = _cpu_flags()
+    name, flags = _cpu_name_and_flags()
     native = {
         "fp16": bool({"avx512_fp16", "amx_fp16"} & flags),
         "bf16": bool({"avx512_bf16", "amx_bf16"} & flags),
@@ -81,11 +86,6 @@ def device_info(device: str | torch.device | None = None) -> DeviceInfo:
     notes = [f"ISA level used by torch: {torch.backends.cpu.get_cpu_capability()}"]
     if not (native["fp16"] or native["bf16"]):
         notes.append("no FP16/BF16 arithmetic units: low precision is converted to FP32 to compute, usually slower")
-    name = platform.processor() or platform.machine()
-    for line in (Path("/proc/cpuinfo").read_text().splitlines() if Path("/proc/cpuinfo").exists() else []):
-        if line.startswith("model name"):
-            name = line.split(":", 1)[1].strip()
-            break
     return DeviceInfo("cpu", name, None, native, notes)
 
 
