@@ -28,19 +28,15 @@ def profile() -> Profile:
 
 
 def _cpu_name_and_flags() -> tuple[str, set[str]]:
-    """The CPU's model name and instruction-set flags from /proc/cpuinfo (Linux); empty elsewhere."""
-    name, flags = platform.processor() or platform.machine(), set()
+    """The CPU's model name and instruction-set flags from /proc/cpuinfo (Linux); a fallback elsewhere."""
+    info: dict[str, str] = {}
     try:
-        lines = Path("/proc/cpuinfo").read_text().splitlines()
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            key, _, value = line.partition(":")
+            info.setdefault(key.strip(), value.strip())  # the first CPU's entry is enough
     except OSError:
-        return name, flags
-    for line in lines:
-        key, _, value = line.partition(":")
-        if key.strip() == "model name" and name in (platform.processor(), platform.machine()):
-            name = value.strip()
-        elif key.strip() == "flags" and not flags:
-            flags = set(value.split())
-    return name, flags
+        pass
+    return info.get("model name") or platform.processor() or platform.machine(), set(info.get("flags", "").split())
 
 
 @dataclass(frozen=True)

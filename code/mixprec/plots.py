@@ -117,7 +117,7 @@ def bit_layout(formats, ax=None):
     return ax
 
 
-def value_grid(fmt, ax=None, flush_subnormals: bool = False, y: float = 0.0, **kwargs):
+def value_grid(fmt, ax=None, flush_subnormals: bool = False, y: float = 0.0, color: str = "#1f5fbf"):
     """Every non-negative finite value of a small format on a number line; subnormals in orange."""
     import matplotlib.pyplot as plt
 
@@ -131,7 +131,7 @@ def value_grid(fmt, ax=None, flush_subnormals: bool = False, y: float = 0.0, **k
     sub = (v > 0) & (v < fmt.min_normal)
     if flush_subnormals:
         v, sub = v[~sub], sub[~sub]
-    ax.plot(v[~sub], [y] * int((~sub).sum()), "|", markersize=14, color=kwargs.get("color", "#1f5fbf"))
+    ax.plot(v[~sub], [y] * int((~sub).sum()), "|", markersize=14, color=color)
     ax.plot(v[sub], [y] * int(sub.sum()), "|", markersize=14, color="#e67e22")
     return ax
 
