@@ -4,12 +4,10 @@ Run: `python bench/matmul_dtypes.py` (prints) or `python bench/matmul_dtypes.py 
 """
 
 import argparse
-import datetime
 import json
 import sys
 
 import torch
-
 from mixprec import hw
 
 
@@ -35,14 +33,7 @@ def main() -> None:
     if args.record:
         if info.device != "cuda":
             sys.exit("--record is for GPU results; this device is a CPU")
-        record = {
-            "device": info.name,
-            "compute_capability": list(info.compute_capability),
-            "torch_version": torch.__version__,
-            "date": datetime.date.today().isoformat(),
-            "command": "python " + " ".join(sys.argv),
-            "tflops": result,
-        }
+        record = {**hw.provenance(), "tflops": result}
         slug = info.name.lower().replace(" ", "_")
         path = hw.GPU_DATA_DIR / f"matmul_{slug}.json"
         path.write_text(json.dumps(record, indent=1, ensure_ascii=False))

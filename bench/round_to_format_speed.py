@@ -8,7 +8,6 @@ import argparse
 import platform
 
 import torch
-
 from mixprec import hw
 from mixprec.formats import round_to_format
 

@@ -297,7 +297,7 @@ def round_to_format(
         raise ValueError(f"rounding must be 'nearest' or 'stochastic', got {rounding!r}")
     if overflow not in ("auto", "saturate", "nonfinite"):
         raise ValueError(f"overflow must be 'auto', 'saturate' or 'nonfinite', got {overflow!r}")
-    x = x.float().contiguous()
+    x = x.detach().float().contiguous()  # values only: rounding has no useful gradient
     if fmt.mantissa_bits >= 23 and fmt.emin <= FP32.emin and fmt.emax >= FP32.emax:
         return x.clone()  # every float32 is already representable (fp32, fp64)
     if fmt.emin < FP32.emin or fmt.emax > FP32.emax:

@@ -175,6 +175,21 @@ GPU_DATA_DIR = Path(__file__).resolve().parents[2] / "book" / "_data" / "gpu"
 PROVENANCE_KEYS = ("device", "torch_version", "date", "command")
 
 
+def provenance(device: str | torch.device | None = None, argv: list[str] | None = None) -> dict:
+    """Where a result comes from: device, compute capability, torch version, date and the command that made it."""
+    import datetime
+    import sys
+
+    info = device_info(device)
+    return {
+        "device": info.name,
+        "compute_capability": list(info.compute_capability) if info.compute_capability else None,
+        "torch_version": torch.__version__,
+        "date": datetime.date.today().isoformat(),
+        "command": " ".join(["python", *(sys.argv if argv is None else argv)]),
+    }
+
+
 def load_recorded(name: str, directory: Path | None = None) -> list[dict]:
     """Every recorded GPU result file ``<name>*.json``; each must say where it came from."""
     directory = GPU_DATA_DIR if directory is None else Path(directory)

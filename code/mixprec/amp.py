@@ -1,0 +1,123 @@
+"""Precision policies: what a training step computes in, stores weights in, and scales the loss with.
+
+A policy is data (``Policy``); ``get_policy(name)`` parses a name:
+
+=====================  ==========================================================================
+``fp32``               everything FP32
+``tf32``               FP32 storage; FP32 matmuls on TF32 tensor cores (CUDA Ampere+; no effect on CPU)
+``fp16-amp``           FP32 weights; autocast to FP16; ``torch.amp.GradScaler``
+``bf16-amp``           FP32 weights; autocast to BF16; no scaler needed
+``bf16-pure``          BF16 weights and compute; ``bf16-pure:stochastic`` / ``bf16-pure:kahan`` change
+                       how updates are written back (``mixprec.optim.BF16AdamW``)
+``fp8``                linear layers in FP8: torchao with BF16 autocast on FP8 GPUs; emulated
+                       ``mixprec.fp8.Fp8Linear`` with FP32 elsewhere
+``emulate:<format>``   every op result, forward and backward, rounded to any ``mixprec.formats``
+                       format; FP32 master weights, rounded working copy (runs anywhere)
+=====================  ==========================================================================
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+
+import torch
+
+from .emulate import EmulatedPrecision
+from .formats import FloatFormat, get_format, round_to_format
+
+BASE_POLICIES = ("fp32", "tf32", "fp16-amp", "bf16-amp", "bf16-pure", "bf16-pure:stochastic", "bf16-pure:kahan", "fp8")
+POLICY_NAMES = BASE_POLICIES + ("emulate:<format>",)
+
+
+@dataclass(frozen=True)
+class Policy:
+    name: str
+    autocast_dtype: torch.dtype | None = None  # autocast to this dtype, or no autocast
+    param_dtype: torch.dtype = torch.float32  # dtype the model's weights are stored in
+    tf32: bool = False
+    emulate: FloatFormat | None = None
+    fp8: bool = False
+    update_rounding: str | None = None  # bf16-pure: "nearest", "stochastic" or "kahan"
+    uses_scaler: bool = False  # GradScaler by default
+
+    def compute(self, device: torch.device) -> contextlib.AbstractContextManager:
+        """The context a forward/backward pass runs in: autocast, TF32 and emulation as the policy says."""
+        stack = contextlib.ExitStack()
+        if self.autocast_dtype is not None:
+            stack.enter_context(torch.amp.autocast(device_type=device.type, dtype=self.autocast_dtype))
+        if self.tf32 and device.type == "cuda":
+            stack.enter_context(_tf32_matmuls())
+        if self.emulate is not None:
+            stack.enter_context(EmulatedPrecision(self.emulate))
+        return stack
+
+
+@contextlib.contextmanager
+def _tf32_matmuls():
+    previous = torch.backends.cuda.matmul.fp32_precision
+    torch.backends.cuda.matmul.fp32_precision = "tf32"
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.fp32_precision = previous
+
+
+def get_policy(name: str | Policy) -> Policy:
+    """The policy called ``name``; unknown names fail with the list of valid ones."""
+    if isinstance(name, Policy):
+        return name
+    if not isinstance(name, str):
+        raise TypeError(f"precision must be a policy name, got {type(name).__name__}")
+    if name.startswith("emulate:"):
+        try:
+            fmt = get_format(name.removeprefix("emulate:"))
+            round_to_format(torch.zeros(1), fmt)  # fails for formats float32 cannot emulate
+        except ValueError as error:
+            raise ValueError(f"{name!r}: {error}") from None
+        return Policy(name, emulate=fmt)
+    policies = {
+        "fp32": Policy("fp32"),
+        "tf32": Policy("tf32", tf32=True),
+        "fp16-amp": Policy("fp16-amp", autocast_dtype=torch.float16, uses_scaler=True),
+        "bf16-amp": Policy("bf16-amp", autocast_dtype=torch.bfloat16),
+        "bf16-pure": Policy("bf16-pure", param_dtype=torch.bfloat16, update_rounding="nearest"),
+        "bf16-pure:stochastic": Policy("bf16-pure:stochastic", param_dtype=torch.bfloat16, update_rounding="stochastic"),
+        "bf16-pure:kahan": Policy("bf16-pure:kahan", param_dtype=torch.bfloat16, update_rounding="kahan"),
+        "fp8": Policy("fp8", fp8=True),
+    }
+    if name not in policies:
+        raise ValueError(f"unknown precision {name!r}; valid: {', '.join(POLICY_NAMES)} (e.g. 'emulate:fp16', 'emulate:e4m3fn')")
+    return policies[name]
+
+
+class MasterWeights:
+    """FP32 master weights that the optimizer owns, and the model's low-precision working copy.
+
+    ``working`` is a torch dtype (the model's parameters are converted to it) or a format that the
+    parameters, kept in float32, are rounded to (emulation). Each step: the backward pass fills the
+    working gradients; ``grads_to_master()`` copies them to the masters in FP32; the optimizer
+    updates the masters; ``to_working()`` writes the rounded masters back into the model.
+    """
+
+    def __init__(self, model: torch.nn.Module, working: torch.dtype | str | FloatFormat):
+        self.params = [p for p in model.parameters() if p.requires_grad]
+        self.master = [p.detach().float().clone().requires_grad_(True) for p in self.params]
+        if isinstance(working, torch.dtype):
+            self.dtype, self.format = working, None
+            for p in self.params:
+                p.data = p.data.to(working)
+        else:
+            self.dtype, self.format = torch.float32, get_format(working)
+        self.to_working()
+
+    @torch.no_grad()
+    def to_working(self) -> None:
+        for p, m in zip(self.params, self.master):
+            p.copy_(m if self.format is None else round_to_format(m, self.format))
+
+    @torch.no_grad()
+    def grads_to_master(self) -> None:
+        for p, m in zip(self.params, self.master):
+            m.grad = None if p.grad is None else p.grad.float()
+            p.grad = None

@@ -1,0 +1,299 @@
+import json
+import math
+import re
+
+import pytest
+import torch
+from mixprec import bench
+from mixprec.amp import BASE_POLICIES, MasterWeights, get_policy
+from mixprec.emulate import EmulatedPrecision
+from mixprec.formats import E4M3, FP16, round_to_format
+from mixprec.fp8 import Fp8Linear, linear_from_conv1d, quantize_per_tensor, swap_linears, to_emulated_fp8
+from mixprec.optim import BF16AdamW
+from mixprec.story import (
+    build_model,
+    count_parameters,
+    distinct_n,
+    encode,
+    for_inference,
+    generate,
+    generate_stories,
+    grammar_score,
+    greedy_agreement,
+    load_stories,
+    perplexity,
+    storyteller,
+    token_kl,
+    train,
+    train_tokenizer,
+    unigram_entropy,
+)
+from mixprec.story import corpus as corpus_module
+
+
+@pytest.fixture(scope="module")
+def stories():
+    return load_stories("offline", n=3000)
+
+
+@pytest.fixture(scope="module")
+def tokenizer(stories):
+    return train_tokenizer(stories.train)
+
+
+@pytest.fixture(scope="module")
+def data(stories, tokenizer):
+    return encode(stories, tokenizer)
+
+
+def tiny(tokenizer, seed=0):
+    return build_model("tiny", len(tokenizer), seed=seed, eos_token_id=tokenizer.eos_token_id)
+
+
+# --- corpus -----------------------------------------------------------------------------------
+
+
+def test_corpus_is_deterministic_and_varied():
+    assert generate_stories(50, seed=3) == generate_stories(50, seed=3)
+    assert generate_stories(50, seed=3) != generate_stories(50, seed=4)
+    many = generate_stories(20_000, seed=0)
+    assert len(set(many)) == len(many)
+    with pytest.raises(ValueError):
+        generate_stories(0)
+
+
+def test_generated_stories_pass_their_own_grammar():
+    for text in generate_stories(500, seed=7):
+        score = grammar_score(text)
+        assert score.sentences >= 9 and score.accepted == 1.0 and score.consistent == 1.0, text
+
+
+def test_names_and_pronouns_agree_within_a_story():
+    girls = set(corpus_module.GIRL_NAMES)
+    for text in generate_stories(200, seed=1):
+        hero = re.search(r"(?:named|called) (\w+)", text).group(1)
+        he, she = re.search(r"\b[Hh](e|is|im)\b", text), re.search(r"\b[Ss]he\b|\b[Hh]er\b", text)
+        assert (he if hero in girls else she) is None, (hero, text)
+
+
+def test_grammar_score_on_hand_made_texts():
+    good = "Once upon a time, there was a little cat named Tom. He loved to dance. Tom felt very sad."
+    assert grammar_score(good).score == 1.0
+    wrong_pronoun = good.replace("He loved", "She loved")
+    assert grammar_score(wrong_pronoun).accepted == 1.0
+    assert grammar_score(wrong_pronoun).consistent == pytest.approx(2 / 3)
+    wrong_name = good.replace("Tom felt", "Lily felt")
+    assert grammar_score(wrong_name).consistent == pytest.approx(2 / 3)
+    garbage = good + " The moon ate a purple song."
+    assert grammar_score(garbage).accepted == pytest.approx(3 / 4)
+    assert grammar_score(good + " Tom felt ve").sentences == 3  # a cut-off sentence is not counted
+    assert grammar_score("").score == 0.0
+    assert grammar_score("He loved to dance.").consistent == 0.0  # a pronoun with no hero
+
+
+def test_loader_falls_back_with_a_reason(monkeypatch):
+    monkeypatch.setattr(corpus_module, "_hub_reachable", lambda: False)
+    data = load_stories("auto", n=200)
+    assert "offline" in data.source and "not reachable" in data.message
+    assert len(data.train) + len(data.valid) == 200 and not set(data.train) & set(data.valid)
+    with pytest.raises(RuntimeError, match="source='offline'"):
+        load_stories("tinystories", n=200)
+    with pytest.raises(ValueError, match="offline"):
+        load_stories("web")
+
+
+# --- tokenizer and model ----------------------------------------------------------------------
+
+
+def test_tokenizer_round_trips(tokenizer, stories):
+    from transformers import PreTrainedTokenizerFast
+
+    assert isinstance(tokenizer, PreTrainedTokenizerFast)
+    for text in stories.valid[:20] + ["Unseen words: zebra, 精度, ümlaut, emoji 🙂, tabs\tand\nnewlines."]:
+        assert tokenizer.decode(tokenizer(text)["input_ids"]) == text
+    assert tokenizer.eos_token == "<|endoftext|>" and tokenizer.eos_token_id == tokenizer.pad_token_id
+    assert train_tokenizer(stories.train).get_vocab() == tokenizer.get_vocab()  # from the cache
+
+
+def test_model_sizes(tokenizer):
+    model = tiny(tokenizer)
+    assert model.config._attn_implementation == "sdpa" and model.dtype == torch.float32
+    assert 25e6 <= count_parameters(build_model("small", len(tokenizer))) <= 35e6
+    assert count_parameters(build_model("gpt2-124m")) == 124_439_808  # GPT-2 small with tied embeddings
+    with pytest.raises(ValueError, match="tiny"):
+        build_model("huge", 100)
+
+
+# --- training ---------------------------------------------------------------------------------
+
+
+def test_unknown_precision_lists_the_valid_ones():
+    with pytest.raises(ValueError, match="bf16-amp.*emulate:<format>"):
+        get_policy("fp4")
+    with pytest.raises(ValueError, match="emulate:e9m9"):
+        get_policy("emulate:e9m9")
+
+
+@pytest.mark.parametrize("precision", BASE_POLICIES + ("emulate:fp16", "emulate:e4m3fn"))
+def test_every_policy_trains(precision, tokenizer, data):
+    model = tiny(tokenizer)
+    steps = 2 if precision == "fp16-amp" else 4  # FP16 matmuls are very slow on CPUs
+    history = train(model, data, precision=precision, steps=steps, batch_size=4, block_size=32, progress=False)
+    assert len(history.loss) == steps and all(math.isfinite(x) for x in history.loss)
+    assert history.final_val_loss is not None and math.isfinite(history.final_val_loss)
+    assert history.loss[-1] < history.loss[0] or steps == 2
+    if precision.startswith("bf16-pure"):
+        assert next(model.parameters()).dtype == torch.bfloat16
+    if precision == "fp8":
+        assert any(isinstance(m, Fp8Linear) for m in model.modules())
+    if precision == "fp16-amp":
+        assert history.loss_scale[0] == 65536.0
+
+
+def test_training_is_reproducible(tokenizer, data):
+    runs = [train(tiny(tokenizer), data, steps=3, batch_size=4, block_size=32, progress=False, seed=5).loss for _ in range(2)]
+    assert runs[0] == runs[1]
+
+
+def test_injected_inf_skips_that_step_only_and_backs_off(tokenizer, data):
+    model = tiny(tokenizer)
+    snapshots = {}
+
+    def plant_inf(step, model):
+        snapshots[step] = model.transformer.h[0].mlp.c_fc.weight.detach().clone()
+        if step == 2:
+            model.transformer.h[0].mlp.c_fc.weight.grad[0, 0] = math.inf
+
+    scaler = torch.amp.GradScaler("cpu", init_scale=1024.0)
+    history = train(model, data, precision="emulate:fp16", scaler=scaler, steps=5, batch_size=4, block_size=32, warmup=4,
+                    progress=False, after_backward=plant_inf)
+    assert history.skipped == [False, False, True, False, False]
+    assert history.loss_scale[2] == 1024.0 and history.loss_scale[3] == 512.0
+    assert torch.equal(snapshots[2], snapshots[3])  # the skipped step left the weights alone
+    assert not torch.equal(snapshots[1], snapshots[2])
+    assert history.lr[3] == history.lr[2] and history.lr[2] > history.lr[1]  # the schedule waited
+
+
+def test_policy_default_scaler_is_gradscaler_for_fp16_only():
+    assert get_policy("fp16-amp").uses_scaler and not get_policy("bf16-amp").uses_scaler
+    assert get_policy("emulate:fp16").emulate == FP16
+
+
+# --- pieces the policies are made of ------------------------------------------------------------
+
+
+def test_emulation_rounds_forward_and_backward():
+    torch.manual_seed(0)
+    layer = torch.nn.Linear(8, 4)
+    x = torch.randn(3, 8) * 1e-3
+    with EmulatedPrecision("fp16") as mode:
+        y = layer(x)
+        (y * 1e-5).sum().backward()
+    assert torch.equal(y, round_to_format(y, FP16))
+    assert torch.equal(layer.weight.grad, round_to_format(layer.weight.grad, FP16))
+    assert (layer.weight.grad == 0).any()  # gradients of ~1e-8 underflow in FP16
+    assert mode.ops["addmm"] == 1 and "mm" in mode.ops
+    t = torch.randn(4, 4)
+    with EmulatedPrecision("bf16"):
+        v = t.t()
+        v.mul_(1.001)  # an in-place op on a view still works
+    assert torch.equal(t, round_to_format(t, "bf16"))
+
+
+def test_master_weights_round_the_working_copy():
+    layer = torch.nn.Linear(4, 4)
+    original = layer.weight.detach().clone()
+    master = MasterWeights(layer, "e4m3fn")
+    assert torch.equal(master.master[0].detach(), original)
+    assert torch.equal(layer.weight.detach(), round_to_format(original, E4M3))
+
+
+def test_bf16_updates_below_half_an_ulp():
+    """Adam moves a weight of 1.0 by ~lr per step; lr=1e-3 is below half a BF16 ULP (2**-9) there."""
+    finals = {}
+    for rounding in ("nearest", "stochastic", "kahan"):
+        w = torch.nn.Parameter(torch.ones(1000, dtype=torch.bfloat16))
+        opt = BF16AdamW([w], lr=1e-3, rounding=rounding)
+        for _ in range(100):
+            w.grad = torch.ones_like(w)
+            opt.step()
+        finals[rounding] = w.float()
+    assert torch.all(finals["nearest"] == 1.0)  # every update lost
+    assert finals["kahan"].sub(0.9).abs().max() < 2**-8  # all kept, to within one ULP
+    assert abs(finals["stochastic"].mean() - 0.9) < 0.01  # kept on average
+
+
+def test_fp8_pieces():
+    from transformers.pytorch_utils import Conv1D
+
+    torch.manual_seed(0)
+    x = torch.randn(64, 32)
+    q = quantize_per_tensor(x, E4M3)
+    # half an E4M3 ULP: 2**-4 relative for normals, half the smallest subnormal (2**-10) in scaled units below them
+    bound = x.abs() * 2**-4 + x.abs().max() / 448 * 2**-10
+    assert ((q - x).abs() <= bound * (1 + 1e-6)).all() and q.abs().max() == x.abs().max()
+    conv = Conv1D(16, 32)
+    assert torch.allclose(linear_from_conv1d(conv)(x), conv(x), atol=1e-6)
+    model = torch.nn.Sequential(torch.nn.Linear(32, 16), torch.nn.ReLU(), Conv1D(8, 16))
+    reference = model(x)
+    assert swap_linears(model, to_emulated_fp8) == ["0", "2"]
+    out = model(x)
+    assert (out - reference).norm() / reference.norm() < 0.1
+    out.sum().backward()
+    assert model[0].weight.grad is not None
+
+
+# --- generation and metrics -------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("precision", ["fp16", "bf16", "fp16-amp", "bf16-amp", "fp8-weight", "emulate:e4m3fn"])
+def test_generate_leaves_the_model_alone(precision, tokenizer):
+    model = tiny(tokenizer)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    result = generate(model, tokenizer, "Once upon a time", precision=precision, max_new_tokens=8, seed=1)
+    assert 1 <= len(result.token_ids) <= 8
+    after = model.state_dict()
+    assert all(after[k].dtype == torch.float32 and torch.equal(after[k], before[k]) for k in before)
+
+
+def test_generate_is_seeded(tokenizer):
+    model = tiny(tokenizer)
+    prepared = for_inference(model, "fp32")
+    runs = [generate(prepared, tokenizer, "Tom", seed=s, max_new_tokens=10).token_ids for s in (1, 1, 2)]
+    assert runs[0] == runs[1] != runs[2]
+    with pytest.raises(ValueError, match="fp8-weight"):
+        for_inference(model, "int4")
+
+
+def test_metrics_on_hand_made_cases():
+    logits = torch.tensor([[0.0, 0.0], [0.0, math.log(3)]])
+    kl = token_kl(logits[:1].expand(2, 2), logits)  # p_ref = (1/2, 1/2); p = (1/2, 1/2) and (1/4, 3/4)
+    assert kl[0] == 0 and kl[1] == pytest.approx(0.5 * math.log(2) + 0.5 * math.log(2 / 3))
+    agreement = greedy_agreement([1, 2, 3, 4], [1, 2, 5, 4, 9])
+    assert agreement.fraction == 0.75 and agreement.first_divergence == 2
+    assert greedy_agreement([1, 2], [1, 2, 3]).first_divergence is None
+    assert distinct_n("a b a b", 1) == 0.5 and distinct_n(["a b a", "b"], 2) == 1.0 and distinct_n("a b a b", 2) == pytest.approx(2 / 3)
+    assert perplexity(math.log(5)) == pytest.approx(5)
+    assert unigram_entropy(torch.tensor([0, 1, 0, 1])) == pytest.approx(math.log(2))
+    assert unigram_entropy(torch.tensor([3, 3, 3])) == 0
+
+
+# --- cache and CLI ----------------------------------------------------------------------------
+
+
+def test_storyteller_is_cached(tmp_path, monkeypatch):
+    monkeypatch.setenv("MIXPREC_CACHE", str(tmp_path))
+    first = storyteller("tiny", steps=2, n_stories=300, batch_size=4, block_size=32, progress=False)
+    second = storyteller("tiny", steps=2, n_stories=300, batch_size=4, block_size=32, progress=False)
+    assert second[3].loss == first[3].loss
+    assert all(torch.equal(a, b) for a, b in zip(first[0].state_dict().values(), second[0].state_dict().values()))
+
+
+def test_bench_cli_writes_provenance(tmp_path, monkeypatch):
+    monkeypatch.setenv("MIXPREC_CACHE", str(tmp_path))
+    out = tmp_path / "r.json"
+    bench.main(["train", "--precision", "bf16-amp", "--steps", "3", "--batch-size", "2", "--block-size", "16", "--stories", "300", "--quiet",
+                "--out", str(out)])
+    record = json.loads(out.read_text())
+    assert {"device", "torch_version", "date", "command", "compute_capability"} <= set(record)
+    assert record["command"].startswith("python -m mixprec.bench train") and record["tokens_per_s"] > 0
