@@ -29,7 +29,7 @@ def run_train(args) -> dict:
     data = encode(stories, tokenizer)
     model = build_model(args.size, len(tokenizer), eos_token_id=tokenizer.eos_token_id)
     history = train(model, data, precision=args.precision, steps=args.steps, batch_size=args.batch_size, block_size=args.block_size,
-                    compile=args.compile, progress=not args.quiet)
+                    lr=SIZES[args.size].lr, compile=args.compile, progress=not args.quiet)
     skip = min(args.warmup_steps, args.steps - 1)
     mfu = [m for m in history.mfu[skip:] if m is not None]
     return {

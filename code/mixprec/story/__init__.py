@@ -43,7 +43,7 @@ def storyteller(size: str = "tiny", steps: int = 600, precision: str = "fp32", n
         history = TrainHistory(**json.loads((path / "history.json").read_text()))
         return model, tokenizer, data, history
     model = build_model(size, len(tokenizer), seed=seed, eos_token_id=tokenizer.eos_token_id)
-    history = train(model, data, precision=precision, steps=steps, seed=seed, **train_options)
+    history = train(model, data, precision=precision, steps=steps, seed=seed, **{"lr": SIZES[size].lr, **train_options})
     model.save_pretrained(path)
     (path / "history.json").write_text(json.dumps(history.as_dict()))
     return model, tokenizer, data, history

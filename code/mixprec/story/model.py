@@ -9,19 +9,20 @@ import torch
 
 @dataclass(frozen=True)
 class Size:
-    """Shape of a GPT-2; ``vocab_size`` None means "the tokenizer's"."""
+    """Shape of a GPT-2 (``vocab_size`` None means "the tokenizer's") and a peak learning rate that suits it."""
 
     n_layer: int
     n_head: int
     n_embd: int
     n_positions: int
+    lr: float
     vocab_size: int | None = None
 
 
 SIZES: dict[str, Size] = {
-    "tiny": Size(n_layer=2, n_head=4, n_embd=128, n_positions=256),  # trains in about a minute on 2 CPU cores
-    "small": Size(n_layer=6, n_head=10, n_embd=640, n_positions=512),  # ~30M parameters
-    "gpt2-124m": Size(n_layer=12, n_head=12, n_embd=768, n_positions=1024, vocab_size=50257),  # GPT-2 small, as published
+    "tiny": Size(n_layer=2, n_head=4, n_embd=128, n_positions=256, lr=1e-2),  # trains in about a minute on 2 CPU cores
+    "small": Size(n_layer=6, n_head=10, n_embd=640, n_positions=512, lr=1e-3),  # ~30M parameters
+    "gpt2-124m": Size(n_layer=12, n_head=12, n_embd=768, n_positions=1024, lr=6e-4, vocab_size=50257),  # GPT-2 small, as published
 }
 
 

@@ -76,9 +76,14 @@ def warmup_cosine(warmup: int, total: int, min_ratio: float = 0.1) -> Callable[[
 
 
 def flops_per_token(model: torch.nn.Module, block_size: int) -> float:
-    """Training FLOPs per token: 6 per parameter plus attention, 12·layers·block·width (PaLM, appendix B)."""
+    """Training FLOPs per token: 6 per matmul parameter plus attention, 12·layers·block·width (PaLM, appendix B).
+
+    Position embeddings are looked up, not multiplied, so they are left out; the token embedding
+    counts, because the tied output layer multiplies by it.
+    """
     config = model.config
-    return 6 * sum(p.numel() for p in model.parameters()) + 12 * config.n_layer * block_size * config.n_embd
+    matmul_params = sum(p.numel() for p in model.parameters()) - model.transformer.wpe.weight.numel()
+    return 6 * matmul_params + 12 * config.n_layer * block_size * config.n_embd
 
 
 def cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
@@ -110,7 +115,7 @@ def train(
     steps: int = 300,
     batch_size: int = 16,
     block_size: int = 128,
-    lr: float = 3e-3,
+    lr: float = 1e-2,
     warmup: int | None = None,
     min_lr_ratio: float = 0.1,
     weight_decay: float = 0.1,
@@ -132,6 +137,7 @@ def train(
     scaler: a loss scaler with the ``torch.amp.GradScaler`` interface (scale, unscale_, step, update,
         get_scale). None: the policy's default (a GradScaler for ``fp16-amp``, none otherwise).
         False: no scaling, even for ``fp16-amp``.
+    lr: peak learning rate; the default suits the ``tiny`` size (``story.SIZES[size].lr`` for the others).
     eval_every: evaluate on the validation windows every this many steps (and always at the end).
     after_backward: called as ``after_backward(step, model)`` between backward and unscaling; a hook
         for experiments, e.g. planting an inf in a gradient.
