@@ -11,7 +11,6 @@ import statistics
 import time
 
 import torch
-
 from mixprec import hw
 from mixprec.story import SIZES, build_model, encode, generate, grammar_score, load_stories, train, train_tokenizer, unigram_entropy
 
@@ -35,7 +34,9 @@ def main() -> None:
 
     model = build_model("tiny", len(tokenizer), eos_token_id=tokenizer.eos_token_id)
     start = time.perf_counter()
-    history = train(model, data, precision=args.precision, steps=steps, lr=SIZES["tiny"].lr, eval_every=max(1, steps // 5))
+    settings = SIZES["tiny"]
+    history = train(model, data, precision=args.precision, steps=steps, lr=settings.lr, weight_decay=settings.weight_decay,
+                    eval_every=max(1, steps // 5), progress=False)
     elapsed = time.perf_counter() - start
 
     samples = [generate(model, tokenizer, "Once upon a time", seed=s, max_new_tokens=150) for s in range(args.samples)]

@@ -49,3 +49,26 @@ console.log(JSON.stringify(out));
             got = float(r) if got is None else got
             assert (math.isnan(w) and math.isnan(got)) or (w == got and math.copysign(1, w) == math.copysign(1, got)), (f.name, xi, w, r)
             assert back == r, (f.name, xi, r, back)  # bits -> value round trip in JS
+
+
+@pytest.mark.skipif(shutil.which("node") is None, reason="node is not installed")
+def test_scale_explorer_zones_match_python(tmp_path):
+    from mixprec.scaling import zone_fractions
+    from mixprec.widgets import LossScaleExplorer, scale_explorer_script, scale_histogram
+
+    # one value inside each binade from 2**-40 to 2**20, and some zeros
+    values = torch.cat([torch.exp2(torch.arange(-40, 21).float() + 0.1), torch.zeros(5), -torch.exp2(torch.arange(-30, 0).float() + 0.6)])
+    data = scale_histogram(values)
+    script = tmp_path / "zones.js"
+    script.write_text(scale_explorer_script() + """
+const data = JSON.parse(require('fs').readFileSync(process.argv[2], 'utf8'));
+console.log(JSON.stringify([-4, 0, 8, 16, 24].map(k => MixprecScale.zones(data, k))));
+""")
+    payload = tmp_path / "data.json"
+    payload.write_text(json.dumps(data))
+    res = subprocess.run(["node", str(script), str(payload)], capture_output=True, text=True, check=True)
+    for k, got in zip([-4, 0, 8, 16, 24], json.loads(res.stdout)):
+        want = zone_fractions(values, 2.0**k)
+        assert got == pytest.approx(want, abs=1e-12), k
+    page = LossScaleExplorer(values)._repr_html_()
+    assert "MixprecScale.mount" in page and "https://" not in page

@@ -22,6 +22,8 @@ import contextlib
 from dataclasses import dataclass
 
 import torch
+from torch.overrides import TorchFunctionMode
+from torch.utils._pytree import tree_leaves
 
 from .emulate import EmulatedPrecision
 from .formats import FloatFormat, get_format, round_to_format
@@ -121,3 +123,68 @@ class MasterWeights:
         for p, m in zip(self.params, self.master):
             m.grad = None if p.grad is None else p.grad.float()
             p.grad = None
+
+
+# --- what autocast does, op by op ---------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class OpRecord:
+    """One call seen under autocast: the floating-point dtypes that went in and came out."""
+
+    name: str
+    inputs: tuple[str, ...]
+    outputs: tuple[str, ...]
+
+    @property
+    def category(self) -> str:
+        """``lowered`` (FP32 in, low precision out), ``fp32`` (low in, FP32 out: autocast's FP32 list),
+        ``promoted`` (mixed in, the wider type out), or ``unchanged``."""
+        ins, outs = set(self.inputs), set(self.outputs)
+        if "float32" in ins and outs and "float32" not in outs:
+            return "lowered"
+        if len(ins) > 1 and outs == {"float32"}:
+            return "promoted"
+        if ins and "float32" not in ins and outs == {"float32"}:
+            return "fp32"
+        return "unchanged"
+
+
+class AutocastInspector(TorchFunctionMode):
+    """Records every torch function called inside it with its floating-point input and output dtypes.
+
+    A ``TorchFunctionMode`` sees calls *before* autocast rewrites them, so each record shows the
+    dtypes the caller passed and the dtypes autocast handed back. Use it inside the autocast context::
+
+        with torch.amp.autocast("cpu", dtype=torch.bfloat16), AutocastInspector() as seen:
+            model(x)
+        seen.records
+    """
+
+    _SKIP = {"__get__", "size", "dim", "backward"}
+
+    def __init__(self):
+        super().__init__()
+        self.records: list[OpRecord] = []
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        name = getattr(func, "__name__", str(func))
+        if name not in self._SKIP:
+            ins = tuple(_float_dtypes((args, kwargs)))
+            outs = tuple(_float_dtypes(out))
+            if outs:
+                self.records.append(OpRecord(name, ins, outs))
+        return out
+
+    def summary(self) -> dict[str, dict[str, int]]:
+        """Op name → {category: count}, in first-seen order."""
+        table: dict[str, dict[str, int]] = {}
+        for r in self.records:
+            row = table.setdefault(r.name, {})
+            row[r.category] = row.get(r.category, 0) + 1
+        return table
+
+
+def _float_dtypes(tree) -> list[str]:
+    return [str(t.dtype).removeprefix("torch.") for t in tree_leaves(tree) if isinstance(t, torch.Tensor) and t.is_floating_point()]

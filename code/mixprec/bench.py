@@ -29,7 +29,7 @@ def run_train(args) -> dict:
     data = encode(stories, tokenizer)
     model = build_model(args.size, len(tokenizer), eos_token_id=tokenizer.eos_token_id)
     history = train(model, data, precision=args.precision, steps=args.steps, batch_size=args.batch_size, block_size=args.block_size,
-                    lr=SIZES[args.size].lr, compile=args.compile, progress=not args.quiet)
+                    lr=SIZES[args.size].lr, weight_decay=SIZES[args.size].weight_decay, compile=args.compile, progress=not args.quiet)
     skip = min(args.warmup_steps, args.steps - 1)
     mfu = [m for m in history.mfu[skip:] if m is not None]
     return {
@@ -76,7 +76,7 @@ def main(argv: list[str] | None = None) -> dict:
     g = sub.choices["generate"]
     g.add_argument("--new-tokens", type=int, default=100)
     g.add_argument("--repeat", type=int, default=5)
-    g.add_argument("--train-steps", type=int, default=600, help="training steps of the storyteller to generate with")
+    g.add_argument("--train-steps", type=int, default=700, help="training steps of the storyteller to generate with")
     args = parser.parse_args(argv)
 
     result = {**hw.provenance(argv=["-m", "mixprec.bench", *(sys.argv[1:] if argv is None else argv)]), "benchmark": args.command}

@@ -77,3 +77,55 @@ class FormatExplorer:
 def format_explorer(value: str = "0.1", formats: tuple[str, ...] = DEFAULT_FORMATS) -> FormatExplorer:
     """The float-format explorer, ready to be displayed as a cell's output."""
     return FormatExplorer(value, formats)
+
+
+# --- loss-scale explorer --------------------------------------------------------------------------
+
+
+def scale_explorer_script() -> str:
+    return resources.files("mixprec").joinpath("scale_explorer.js").read_text(encoding="utf-8")
+
+
+def scale_histogram(values, fmt: str | FloatFormat = "fp16", width: float = 0.25) -> dict:
+    """What the loss-scale explorer needs: a histogram of log2|values| with bins aligned to powers of two."""
+    import math
+
+    import torch
+
+    fmt = get_format(fmt)
+    if not (width > 0 and (1 / width).is_integer()):
+        raise ValueError(f"width must be 1/k for a whole number k (so bins align with powers of two), got {width}")
+    v = torch.as_tensor(values).detach().float().flatten().abs()
+    nonzero = v[v > 0]
+    bins = torch.floor(torch.log2(nonzero) / width).long()
+    first = int(bins.min()) if bins.numel() else 0
+    counts = torch.bincount(bins - first).tolist() if bins.numel() else []
+    return {
+        "lo": first * width, "width": width, "counts": counts, "zeros": int((v == 0).sum()), "total": int(v.numel()),
+        "fmt": {"name": fmt.name, "flushBelow": math.log2(fmt.min_subnormal) - 1, "minNormal": math.log2(fmt.min_normal),
+                "overflowAt": math.log2(fmt.max + fmt.ulp(fmt.max) / 2)},
+    }
+
+
+class LossScaleExplorer:
+    """Slide the loss scale; watch a recorded gradient histogram move through the format's zones."""
+
+    def __init__(self, values, fmt: str | FloatFormat = "fp16", initial_log2_scale: int = 0):
+        self.data = scale_histogram(values, fmt)
+        self.initial = int(initial_log2_scale)
+        self.id = "ms-" + uuid.uuid4().hex[:10]
+
+    def _repr_html_(self) -> str:
+        style = (f"#{self.id} {{ font-family: system-ui, sans-serif; margin: 0.5em 0 1em; }} "
+                 f"#{self.id} input {{ width: 22em; vertical-align: middle; }} "
+                 f"#{self.id} table {{ border-collapse: collapse; font-size: 0.9em; }} "
+                 f"#{self.id} td {{ padding: 2px 12px; border-bottom: 1px solid #ddd; }}")
+        return (
+            f'<div id="{self.id}" class="mixprec-explorer"><style>{style}</style>'
+            f'<label>损失缩放因子 log₂(S)：<input type="range" min="-8" max="32" step="1"></label> '
+            '<span class="ms-scale" style="font-family: monospace"></span>'
+            f'<div class="ms-plot"></div><table><tbody></tbody></table>'
+            f"<script>{scale_explorer_script()}\n"
+            f'MixprecScale.mount(document.getElementById("{self.id}"), {json.dumps(self.data)}, {self.initial});</script>'
+            "</div>"
+        )

@@ -24,7 +24,7 @@ __all__ = [
 ]
 
 
-def storyteller(size: str = "tiny", steps: int = 600, precision: str = "fp32", n_stories: int = 20_000, seed: int = 0, **train_options):
+def storyteller(size: str = "tiny", steps: int = 700, precision: str = "fp32", n_stories: int = 20_000, seed: int = 0, **train_options):
     """A trained storyteller, its tokenizer, token data and training history, cached on disk.
 
     The cache key covers every argument and the library version, so chapters that ask for the same
@@ -43,7 +43,8 @@ def storyteller(size: str = "tiny", steps: int = 600, precision: str = "fp32", n
         history = TrainHistory(**json.loads((path / "history.json").read_text()))
         return model, tokenizer, data, history
     model = build_model(size, len(tokenizer), seed=seed, eos_token_id=tokenizer.eos_token_id)
-    history = train(model, data, precision=precision, steps=steps, seed=seed, **{"lr": SIZES[size].lr, **train_options})
+    settings = {"lr": SIZES[size].lr, "weight_decay": SIZES[size].weight_decay, **train_options}
+    history = train(model, data, precision=precision, steps=steps, seed=seed, **settings)
     model.save_pretrained(path)
     (path / "history.json").write_text(json.dumps(history.as_dict()))
     return model, tokenizer, data, history

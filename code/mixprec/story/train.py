@@ -118,7 +118,7 @@ def train(
     lr: float = 1e-2,
     warmup: int | None = None,
     min_lr_ratio: float = 0.1,
-    weight_decay: float = 0.1,
+    weight_decay: float = 0.0,
     clip: float = 1.0,
     seed: int = 0,
     scaler=None,
@@ -137,7 +137,7 @@ def train(
     scaler: a loss scaler with the ``torch.amp.GradScaler`` interface (scale, unscale_, step, update,
         get_scale). None: the policy's default (a GradScaler for ``fp16-amp``, none otherwise).
         False: no scaling, even for ``fp16-amp``.
-    lr: peak learning rate; the default suits the ``tiny`` size (``story.SIZES[size].lr`` for the others).
+    lr, weight_decay: the defaults suit the ``tiny`` size; ``story.SIZES[size]`` has settings for the others.
     eval_every: evaluate on the validation windows every this many steps (and always at the end).
     after_backward: called as ``after_backward(step, model)`` between backward and unscaling; a hook
         for experiments, e.g. planting an inf in a gradient.
