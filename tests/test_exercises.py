@@ -70,3 +70,16 @@ def test_running_sum_shapes_and_errors():
         assert "naive" in str(e)
     else:
         raise AssertionError("unknown method accepted")
+
+
+def test_check_loss_scaler():
+    from mixprec.exercises import check_loss_scaler
+    from mixprec.scaling import DynamicLossScaler, StaticLossScaler
+
+    assert check_loss_scaler(DynamicLossScaler)
+    assert check_loss_scaler(lambda **kw: torch.amp.GradScaler("cpu", **kw))
+    static = check_loss_scaler(lambda init_scale, **kw: StaticLossScaler(init_scale))
+    assert not static and "第 8 步" in str(static)
+    slow = check_loss_scaler(lambda **kw: DynamicLossScaler(**{**kw, "growth_interval": 21}))
+    assert not slow and "没有溢出" in str(slow)
+    assert "运行出错" in str(check_loss_scaler(lambda **kw: object()))

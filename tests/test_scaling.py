@@ -3,36 +3,7 @@ import math
 
 import pytest
 import torch
-from mixprec.scaling import DynamicLossScaler, StaticLossScaler
-
-
-def run(scaler, model, steps, seed=0, poison=None):
-    """Train ``model`` with ``scaler``; plant inf/NaN gradients at the steps ``poison`` names. Returns per-step (scale, stepped)."""
-    torch.manual_seed(seed)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
-    g = torch.Generator().manual_seed(seed)
-    log = []
-    for step in range(steps):
-        x = torch.randn(8, 6, generator=g)
-        loss = model(x).pow(2).mean() * 1e3  # large enough that big scales overflow on their own
-        scaler.scale(loss).backward()
-        if poison and step in poison:
-            model[0].weight.grad[0, 0] = poison[step]
-        before = [p.detach().clone() for p in model.parameters()]
-        scaler.unscale_(optimizer)
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        scaler.step(optimizer)
-        scale = scaler.get_scale()
-        scaler.update()
-        stepped = any(not torch.equal(b, p) for b, p in zip(before, model.parameters()))
-        log.append((scale, stepped))
-        optimizer.zero_grad(set_to_none=True)
-    return log
-
-
-def make_model():
-    torch.manual_seed(1)
-    return torch.nn.Sequential(torch.nn.Linear(6, 16), torch.nn.Tanh(), torch.nn.Linear(16, 1))
+from mixprec.scaling import DynamicLossScaler, StaticLossScaler, scaler_trajectory, zone_fractions
 
 
 def test_dynamic_scaler_matches_gradscaler_bit_for_bit():
@@ -41,15 +12,14 @@ def test_dynamic_scaler_matches_gradscaler_bit_for_bit():
     poisoned_steps = torch.randperm(steps, generator=rng)[:40].tolist()
     poison = {s: (math.inf if i % 3 else math.nan) for i, s in enumerate(poisoned_steps)}
     options = dict(init_scale=2.0**10, growth_factor=2.0, backoff_factor=0.5, growth_interval=25)
-    ours_model, torch_model = make_model(), make_model()
-    ours = run(DynamicLossScaler(**options), ours_model, steps, poison=poison)
-    theirs = run(torch.amp.GradScaler("cpu", **options), torch_model, steps, poison=poison)
+    ours, ours_model = scaler_trajectory(DynamicLossScaler(**options), steps, poison)
+    theirs, torch_model = scaler_trajectory(torch.amp.GradScaler("cpu", **options), steps, poison)
     assert ours == theirs
     assert all(p1.equal(p2) for p1, p2 in zip(ours_model.parameters(), torch_model.parameters()))
     scales = [s for s, _ in ours]
     assert max(scales) > options["init_scale"] and min(scales) < options["init_scale"]  # both growth and backoff happened
     skipped = [i for i, (_, stepped) in enumerate(ours) if not stepped]
-    assert set(poisoned_steps) <= set(skipped)
+    assert skipped == sorted(poisoned_steps)
 
 
 def test_gradscaler_state_dict_round_trip():
@@ -63,7 +33,7 @@ def test_gradscaler_state_dict_round_trip():
 
 
 def test_static_scaler_skips_but_keeps_its_scale():
-    log = run(StaticLossScaler(2.0**8), make_model(), 20, poison={5: math.inf})
+    log, _ = scaler_trajectory(StaticLossScaler(2.0**8), 20, poison={5: math.inf})
     assert [s for s, _ in log] == [256.0] * 20
     assert [stepped for _, stepped in log] == [i != 5 for i in range(20)]
 
@@ -73,7 +43,7 @@ def test_min_scale_and_bad_arguments():
     for _ in range(5):
         scaler._update_scale(True)
     assert scaler.get_scale() == 1.0
-    optimizer = torch.optim.SGD(make_model().parameters(), lr=0.1)
+    optimizer = torch.optim.SGD(torch.nn.Linear(2, 2).parameters(), lr=0.1)
     scaler.unscale_(optimizer)
     with pytest.raises(RuntimeError, match="already been called"):
         scaler.unscale_(optimizer)
@@ -81,3 +51,10 @@ def test_min_scale_and_bad_arguments():
         with pytest.raises(ValueError):
             DynamicLossScaler(**bad)
     assert copy.deepcopy(scaler).get_scale() == 1.0
+
+
+def test_zone_fractions_exact_boundaries():
+    v = torch.tensor([0.0, 1e-9, 1e-6, 1.0, 1e5, -(2.0**-24), 2.0**-25])  # 2**-25 is a tie and rounds to even: zero
+    assert zone_fractions(v) == {"zero": 1 / 7, "flushed": 2 / 7, "subnormal": 2 / 7, "normal": 1 / 7, "overflow": 1 / 7}
+    assert zone_fractions(v, 2.0**10) == {"zero": 1 / 7, "flushed": 0.0, "subnormal": 2 / 7, "normal": 3 / 7, "overflow": 1 / 7}
+    assert zone_fractions(torch.tensor([448.0, 464.0, 480.0]), fmt="e4m3fn")["overflow"] == 1 / 3  # 464 ties to 448

@@ -138,3 +138,35 @@ def check_kahan_sum(fn: Callable[[torch.Tensor, torch.dtype], float]) -> CheckRe
         else:
             msgs.append(f"{dtype}: {got:.6g}，相对误差 {rel:.2%}；普通累加是 {naive:.6g} ✔")
     return CheckResult(all("✔" in m for m in msgs), msgs)
+
+
+# --- exercise: write a dynamic loss scaler ---------------------------------------------------------
+
+
+def check_loss_scaler(make_scaler: Callable[..., object]) -> CheckResult:
+    """Check a dynamic loss scaler against ``mixprec.scaling.DynamicLossScaler`` (itself bit-identical to GradScaler).
+
+    ``make_scaler(init_scale, growth_factor, backoff_factor, growth_interval)`` must return an object
+    with ``scale``, ``unscale_``, ``step``, ``update`` and ``get_scale``. Both scalers drive the same
+    small model through 400 steps with planted inf and NaN gradients; scales, skipped steps and the
+    final weights must agree.
+    """
+    from .scaling import DynamicLossScaler, scaler_trajectory
+
+    options = dict(init_scale=2.0**8, growth_factor=2.0, backoff_factor=0.5, growth_interval=20)
+    poison = {s: (math.nan if s % 2 else math.inf) for s in (7, 8, 60, 61, 62, 150, 333)}
+    try:
+        yours, your_model = scaler_trajectory(make_scaler(**options), 400, poison)
+    except Exception as error:  # the reader's code: report what broke, don't crash the notebook
+        return CheckResult(False, [f"运行出错：{type(error).__name__}: {error}"])
+    truth, true_model = scaler_trajectory(DynamicLossScaler(**options), 400, poison)
+    for step, ((your_scale, your_stepped), (scale, stepped)) in enumerate(zip(yours, truth)):
+        if your_scale != scale:
+            return CheckResult(False, [f"第 {step} 步的缩放因子是 {your_scale:g}，应为 {scale:g}（该步之前{'有' if step - 1 in poison else '没有'}溢出）"])
+        if your_stepped != stepped:
+            what = "跳过了更新" if stepped else "没有跳过更新"
+            return CheckResult(False, [f"第 {step} 步应该{what}：梯度{'含 inf/NaN' if step in poison else '全是有限值'}"])
+    if not all(torch.equal(a, b) for a, b in zip(your_model.parameters(), true_model.parameters())):
+        return CheckResult(False, ["缩放因子和跳步都对，但最终权重不同：检查 unscale_ 是否用 1/scale 乘梯度，且每步只做一次"])
+    grown = sum(1 for a, b in zip(truth, truth[1:]) if b[0] > a[0])
+    return CheckResult(True, [f"400 步中缩放因子、跳过的 {len(poison)} 步和最终权重都与参考实现一致（其间增长 {grown} 次）"])

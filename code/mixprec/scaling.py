@@ -154,3 +154,32 @@ def zone_fractions(values: torch.Tensor, scale: float = 1.0, fmt: str | FloatFor
         "overflow": (~torch.isfinite(rounded)).sum(),
     }
     return {k: int(v) / n for k, v in counts.items()}
+
+
+def scaler_trajectory(scaler, steps: int = 300, poison: dict[int, float] | None = None, seed: int = 0) -> tuple[list[tuple[float, bool]], torch.nn.Module]:
+    """Drive ``scaler`` through ``steps`` steps of training a small fixed model; returns ``[(scale, stepped), ...]`` and the model.
+
+    ``poison`` maps step numbers to a value (inf or NaN) planted in one gradient at that step, as an
+    overflow would. Two scalers that behave alike give equal trajectories and bit-identical models.
+    """
+    generator = torch.Generator().manual_seed(seed)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = torch.nn.Sequential(torch.nn.Linear(6, 16), torch.nn.Tanh(), torch.nn.Linear(16, 1))
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    log = []
+    for step in range(steps):
+        x = torch.randn(8, 6, generator=generator)
+        loss = model(x).pow(2).mean()
+        scaler.scale(loss).backward()
+        if poison and step in poison:
+            model[0].weight.grad[0, 0] = poison[step]
+        before = [p.detach().clone() for p in model.parameters()]
+        scaler.unscale_(optimizer)
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        scaler.step(optimizer)
+        scale = scaler.get_scale()
+        scaler.update()
+        log.append((scale, any(not torch.equal(b, p) for b, p in zip(before, model.parameters()))))
+        optimizer.zero_grad(set_to_none=True)
+    return log, model
