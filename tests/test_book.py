@@ -43,6 +43,9 @@ def test_chapters_rendered(build_log):
     assert "{glue" not in page  # every glue reference resolved
     assert "<table" in page  # computed tables render as tables
     assert page.count("✔ 正确") >= 3  # each exercise's reference solution passes its checker in the built page
+    page = (HTML / "book" / "02_loss_scaling.html").read_text()
+    assert "MixprecScale.mount" in page and page.count("<img") >= 3 and "{glue" not in page and "<table" in page
+    assert page.count("✔ 正确") >= 1
     for name in ("intro", "references"):
         assert (HTML / "book" / f"{name}.html").exists()
 

@@ -76,7 +76,7 @@ def main(argv: list[str] | None = None) -> dict:
     g = sub.choices["generate"]
     g.add_argument("--new-tokens", type=int, default=100)
     g.add_argument("--repeat", type=int, default=5)
-    g.add_argument("--train-steps", type=int, default=700, help="training steps of the storyteller to generate with")
+    g.add_argument("--train-steps", type=int, default=1000, help="training steps of the storyteller to generate with")
     args = parser.parse_args(argv)
 
     result = {**hw.provenance(argv=["-m", "mixprec.bench", *(sys.argv[1:] if argv is None else argv)]), "benchmark": args.command}

@@ -14,17 +14,17 @@ from .generate import Generation, InferenceModel, for_inference, generate
 from .metrics import distinct_n, greedy_agreement, next_token_kl, perplexity, token_kl, unigram_entropy
 from .model import SIZES, build_model, count_parameters, load_pretrained_gpt2
 from .tokenizer import train_tokenizer
-from .train import TrainHistory, evaluate, train
+from .train import TrainHistory, evaluate, gradient_sample, train
 
 __all__ = [
     "SIZES", "GrammarScore", "Generation", "InferenceModel", "StoryData", "TokenData", "TrainHistory", "build_model", "count_parameters",
-    "distinct_n", "encode", "evaluate", "for_inference", "generate", "generate_stories", "grammar_score", "greedy_agreement",
+    "distinct_n", "encode", "evaluate", "for_inference", "gradient_sample", "generate", "generate_stories", "grammar_score", "greedy_agreement",
     "load_pretrained_gpt2", "load_stories", "next_token_kl", "perplexity", "split_sentences", "storyteller", "token_kl", "train",
     "train_tokenizer", "unigram_entropy",
 ]
 
 
-def storyteller(size: str = "tiny", steps: int = 700, precision: str = "fp32", n_stories: int = 20_000, seed: int = 0, **train_options):
+def storyteller(size: str = "tiny", steps: int = 1000, precision: str = "fp32", n_stories: int = 20_000, seed: int = 0, **train_options):
     """A trained storyteller, its tokenizer, token data and training history, cached on disk.
 
     The cache key covers every argument and the library version, so chapters that ask for the same

@@ -246,3 +246,21 @@ def _progress(total: int, label: str):
     from tqdm.auto import tqdm
 
     return tqdm(total=total, desc=label, leave=False)
+
+
+def gradient_sample(model: torch.nn.Module, data: TokenData, batches: int = 4, batch_size: int = 16, block_size: int = 128,
+                    seed: int = 0) -> torch.Tensor:
+    """Every parameter-gradient value of ``batches`` separate FP32 backward passes, as one flat tensor.
+
+    The model's weights are not changed; its ``.grad`` fields are cleared afterwards.
+    """
+    device = next(model.parameters()).device
+    generator = torch.Generator().manual_seed(seed)
+    values = []
+    for _ in range(batches):
+        x, y = (t.to(device) for t in data.batch(batch_size, block_size, generator))
+        model.zero_grad(set_to_none=True)
+        cross_entropy(model(x).logits, y).backward()
+        values.append(torch.cat([p.grad.detach().flatten().float().cpu() for p in model.parameters() if p.grad is not None]))
+    model.zero_grad(set_to_none=True)
+    return torch.cat(values)
