@@ -9,6 +9,8 @@ A policy is data (``Policy``); ``get_policy(name)`` parses a name:
 ``bf16-amp``           FP32 weights; autocast to BF16; no scaler needed
 ``bf16-pure``          BF16 weights and compute; ``bf16-pure:stochastic`` / ``bf16-pure:kahan`` change
                        how updates are written back (``mixprec.optim.BF16AdamW``)
+``fp16-master``        mixed precision by hand: the model in FP16, an FP32 master copy that the
+``bf16-master``        optimizer updates (``MasterWeights``); GradScaler for FP16
 ``fp8``                linear layers in FP8: torchao with BF16 autocast on FP8 GPUs; emulated
                        ``mixprec.fp8.Fp8Linear`` with FP32 elsewhere
 ``emulate:<format>``   every op result, forward and backward, rounded to any ``mixprec.formats``
@@ -28,7 +30,7 @@ from torch.utils._pytree import tree_leaves
 from .emulate import EmulatedPrecision
 from .formats import FloatFormat, get_format, round_to_format
 
-BASE_POLICIES = ("fp32", "tf32", "fp16-amp", "bf16-amp", "bf16-pure", "bf16-pure:stochastic", "bf16-pure:kahan", "fp8")
+BASE_POLICIES = ("fp32", "tf32", "fp16-amp", "bf16-amp", "bf16-pure", "bf16-pure:stochastic", "bf16-pure:kahan", "fp16-master", "bf16-master", "fp8")
 POLICY_NAMES = BASE_POLICIES + ("emulate:<format>",)
 
 
@@ -41,6 +43,7 @@ class Policy:
     emulate: FloatFormat | None = None
     fp8: bool = False
     update_rounding: str | None = None  # bf16-pure: "nearest", "stochastic" or "kahan"
+    master_weights: bool = False  # FP32 master copy owned by the optimizer; the model holds the working copy
     uses_scaler: bool = False  # GradScaler by default
 
     def compute(self, device: torch.device) -> contextlib.AbstractContextManager:
@@ -77,7 +80,7 @@ def get_policy(name: str | Policy) -> Policy:
             round_to_format(torch.zeros(1), fmt)  # fails for formats float32 cannot emulate
         except ValueError as error:
             raise ValueError(f"{name!r}: {error}") from None
-        return Policy(name, emulate=fmt)
+        return Policy(name, emulate=fmt, master_weights=True)
     policies = {
         "fp32": Policy("fp32"),
         "tf32": Policy("tf32", tf32=True),
@@ -86,6 +89,8 @@ def get_policy(name: str | Policy) -> Policy:
         "bf16-pure": Policy("bf16-pure", param_dtype=torch.bfloat16, update_rounding="nearest"),
         "bf16-pure:stochastic": Policy("bf16-pure:stochastic", param_dtype=torch.bfloat16, update_rounding="stochastic"),
         "bf16-pure:kahan": Policy("bf16-pure:kahan", param_dtype=torch.bfloat16, update_rounding="kahan"),
+        "fp16-master": Policy("fp16-master", param_dtype=torch.float16, master_weights=True, uses_scaler=True),
+        "bf16-master": Policy("bf16-master", param_dtype=torch.bfloat16, master_weights=True),
         "fp8": Policy("fp8", fp8=True),
     }
     if name not in policies:
@@ -188,3 +193,54 @@ class AutocastInspector(TorchFunctionMode):
 
 def _float_dtypes(tree) -> list[str]:
     return [str(t.dtype).removeprefix("torch.") for t in tree_leaves(tree) if isinstance(t, torch.Tensor) and t.is_floating_point()]
+
+
+# --- memory -----------------------------------------------------------------------------------
+
+# Bytes per parameter for each component, per policy, with AdamW (two moments per parameter).
+# "weights" counts every copy that lives through the step: the FP32 master and, where there is one,
+# the low-precision working copy (autocast's cast-weight cache lives only through the forward pass,
+# so it is listed separately). Activations depend on batch and sequence length, not on N:
+# measure them with ``saved_activation_bytes``.
+BYTES_PER_PARAMETER: dict[str, dict[str, float]] = {
+    "fp32": {"weights": 4, "grads": 4, "optimizer": 8, "autocast_cache": 0},
+    "fp16-amp": {"weights": 4, "grads": 4, "optimizer": 8, "autocast_cache": 2},
+    "bf16-amp": {"weights": 4, "grads": 4, "optimizer": 8, "autocast_cache": 2},
+    "fp16-master": {"weights": 4 + 2, "grads": 2 + 4, "optimizer": 8, "autocast_cache": 0},
+    "bf16-master": {"weights": 4 + 2, "grads": 2 + 4, "optimizer": 8, "autocast_cache": 0},
+    # mixprec.optim.BF16AdamW keeps FP32 moments (8 bytes); torch.optim.AdamW on BF16 parameters keeps BF16 ones (4)
+    "bf16-pure": {"weights": 2, "grads": 2, "optimizer": 8, "autocast_cache": 0},
+}
+
+
+def memory_breakdown(n_params: int, policy: str) -> dict[str, float]:
+    """Bytes for weights, gradients, optimizer state and autocast's weight cache, for ``n_params`` parameters."""
+    if policy not in BYTES_PER_PARAMETER:
+        raise ValueError(f"no memory model for {policy!r}; known: {', '.join(BYTES_PER_PARAMETER)}")
+    if n_params < 0:
+        raise ValueError(f"n_params must be >= 0, got {n_params}")
+    return {k: v * n_params for k, v in BYTES_PER_PARAMETER[policy].items()}
+
+
+def saved_activation_bytes(model: torch.nn.Module, input_ids: torch.Tensor, policy: str | Policy = "fp32") -> int:
+    """Bytes of the tensors autograd saves for the backward pass in one forward pass under ``policy``.
+
+    These saved activations are what the backward needs and what batch size multiplies. Measured
+    with ``torch.autograd.graph.saved_tensors_hooks``, so it works on any device; tensors saved
+    twice (the same storage) are counted once, and parameters are not counted.
+    """
+    policy = get_policy(policy)
+    device = next(model.parameters()).device
+    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    seen: dict[int, int] = {}
+
+    def pack(t: torch.Tensor):
+        storage = t.untyped_storage()
+        if storage.data_ptr() not in params:
+            seen[storage.data_ptr()] = storage.nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), policy.compute(device):
+        logits = model(input_ids.to(device)).logits
+        logits.float().logsumexp(-1).mean()  # the loss's own saved tensors: a log-softmax over the vocabulary
+    return sum(seen.values())

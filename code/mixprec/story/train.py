@@ -160,14 +160,14 @@ def train(
             policy = Policy(policy.name, autocast_dtype=torch.bfloat16, fp8=True)
     if policy.tf32 and device.type != "cuda":
         history.notes.append("tf32 has no effect on a CPU: this run is plain fp32")
-    if policy.param_dtype == torch.bfloat16:
+    if policy.master_weights:
+        master = MasterWeights(model, policy.emulate or policy.param_dtype)
+        optimizer = torch.optim.AdamW(master.master, lr=lr, betas=(0.9, 0.95), weight_decay=weight_decay)
+    elif policy.param_dtype == torch.bfloat16:
         model.to(torch.bfloat16)
         optimizer = BF16AdamW(model.parameters(), lr=lr, betas=(0.9, 0.95), weight_decay=weight_decay, rounding=policy.update_rounding, seed=seed)
     else:
-        if policy.emulate is not None:
-            master = MasterWeights(model, policy.emulate)
-        params = master.master if master else model.parameters()
-        optimizer = torch.optim.AdamW(params, lr=lr, betas=(0.9, 0.95), weight_decay=weight_decay)
+        optimizer = torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.95), weight_decay=weight_decay)
     optimized = [p for group in optimizer.param_groups for p in group["params"]]
     warmup = max(1, steps // 10) if warmup is None else warmup
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(warmup, steps, min_lr_ratio))
