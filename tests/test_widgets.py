@@ -72,3 +72,22 @@ console.log(JSON.stringify([-4, 0, 8, 16, 24].map(k => MixprecScale.zones(data, 
         assert got == pytest.approx(want, abs=1e-12), k
     page = LossScaleExplorer(values)._repr_html_()
     assert "MixprecScale.mount" in page and "https://" not in page
+
+
+@pytest.mark.skipif(shutil.which("node") is None, reason="node is not installed")
+def test_memory_calculator_matches_python(tmp_path):
+    from importlib import resources
+
+    from mixprec.amp import BYTES_PER_PARAMETER, memory_breakdown
+    from mixprec.widgets import MemoryCalculator
+
+    script = tmp_path / "memory.js"
+    script.write_text(resources.files("mixprec").joinpath("memory_calculator.js").read_text() + """
+const table = JSON.parse(process.argv[2]);
+console.log(JSON.stringify(Object.keys(table).map(p => MixprecMemory.breakdown(table, p, 124439808))));
+""")
+    res = subprocess.run(["node", str(script), json.dumps(BYTES_PER_PARAMETER)], capture_output=True, text=True, check=True)
+    for policy, got in zip(BYTES_PER_PARAMETER, json.loads(res.stdout)):
+        assert got == memory_breakdown(124_439_808, policy)
+    page = MemoryCalculator()._repr_html_()
+    assert "MixprecMemory.mount" in page and "https://" not in page

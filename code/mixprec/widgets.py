@@ -129,3 +129,35 @@ class LossScaleExplorer:
             f'MixprecScale.mount(document.getElementById("{self.id}"), {json.dumps(self.data)}, {self.initial});</script>'
             "</div>"
         )
+
+
+# --- memory calculator ----------------------------------------------------------------------------
+
+
+class MemoryCalculator:
+    """Type a parameter count; see weights, gradients, optimizer state and autocast cache per policy."""
+
+    def __init__(self, millions: float = 124.4):
+        from .amp import BYTES_PER_PARAMETER
+
+        self.table = BYTES_PER_PARAMETER
+        self.millions = float(millions)
+        self.id = "mm-" + uuid.uuid4().hex[:10]
+
+    def _repr_html_(self) -> str:
+        script = resources.files("mixprec").joinpath("memory_calculator.js").read_text(encoding="utf-8")
+        legend = " ".join(
+            f'<span style="color:{c}">■</span> {n}'
+            for c, n in (("#1f5fbf", "权重"), ("#e67e22", "梯度"), ("#7d3c98", "优化器状态"), ("#95a5a6", "autocast 权重缓存"))
+        )
+        style = (f"#{self.id} {{ font-family: system-ui, sans-serif; margin: 0.5em 0 1em; }} #{self.id} input {{ width: 8em; }} "
+                 f"#{self.id} table {{ border-collapse: collapse; width: 100%; font-size: 0.9em; margin-top: 0.5em; }} "
+                 f"#{self.id} td {{ padding: 3px 10px; border-bottom: 1px solid #ddd; white-space: nowrap; }}")
+        return (
+            f'<div id="{self.id}" class="mixprec-explorer"><style>{style}</style>'
+            '<label>参数量（百万）：<input type="number" min="0" step="any"></label> '
+            f'<span style="font-size:0.85em;margin-left:1em">{legend}</span>'
+            "<table><tbody></tbody></table>"
+            f"<script>{script}\nMixprecMemory.mount(document.getElementById(\"{self.id}\"), {json.dumps(self.table)}, {self.millions});</script>"
+            "</div>"
+        )
