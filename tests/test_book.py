@@ -46,6 +46,9 @@ def test_chapters_rendered(build_log):
     page = (HTML / "book" / "02_loss_scaling.html").read_text()
     assert "MixprecScale.mount" in page and page.count("<img") >= 3 and "{glue" not in page and "<table" in page
     assert page.count("✔ 正确") >= 1
+    page = (HTML / "book" / "03_amp.html").read_text()
+    assert "MixprecMemory.mount" in page and page.count("<img") >= 1 and "{glue" not in page and page.count("<table") >= 6
+    assert page.count("✔ 正确") >= 1
     for name in ("intro", "references"):
         assert (HTML / "book" / f"{name}.html").exists()
 

@@ -83,3 +83,13 @@ def test_check_loss_scaler():
     slow = check_loss_scaler(lambda **kw: DynamicLossScaler(**{**kw, "growth_interval": 21}))
     assert not slow and "没有溢出" in str(slow)
     assert "运行出错" in str(check_loss_scaler(lambda **kw: object()))
+
+
+def test_check_memory():
+    from mixprec.exercises import check_memory
+
+    n = 1000
+    assert check_memory("bf16-amp", n, weights=4 * n, grads=4 * n, optimizer=8 * n)
+    wrong = check_memory("bf16-amp", n, weights=2 * n, grads=4 * n, optimizer=8 * n)
+    assert not wrong and "每个参数 4 字节" in str(wrong)
+    assert not check_memory("int4", n, weights=0, grads=0, optimizer=0)

@@ -135,23 +135,22 @@ class MasterWeights:
 
 @dataclass(frozen=True)
 class OpRecord:
-    """One call seen under autocast: the floating-point dtypes that went in and came out."""
+    """One call seen under autocast: the floating-point dtypes in, out, and out without autocast."""
 
     name: str
     inputs: tuple[str, ...]
     outputs: tuple[str, ...]
+    without_autocast: tuple[str, ...] | None  # None: the call fails without autocast (mixed dtypes), or was not re-run
 
     @property
     def category(self) -> str:
-        """``lowered`` (FP32 in, low precision out), ``fp32`` (low in, FP32 out: autocast's FP32 list),
-        ``promoted`` (mixed in, the wider type out), or ``unchanged``."""
-        ins, outs = set(self.inputs), set(self.outputs)
-        if "float32" in ins and outs and "float32" not in outs:
-            return "lowered"
-        if len(ins) > 1 and outs == {"float32"}:
+        """What autocast changed: ``lowered`` (output in low precision because of autocast), ``fp32`` (output
+        in FP32 because of autocast), ``promoted`` (mixed inputs, FP32 out by PyTorch's own type promotion,
+        not autocast) or ``unchanged``."""
+        if self.outputs != self.without_autocast:
+            return "fp32" if set(self.outputs) == {"float32"} else "lowered"
+        if len(set(self.inputs)) > 1 and set(self.outputs) == {"float32"}:
             return "promoted"
-        if ins and "float32" not in ins and outs == {"float32"}:
-            return "fp32"
         return "unchanged"
 
 
@@ -159,27 +158,37 @@ class AutocastInspector(TorchFunctionMode):
     """Records every torch function called inside it with its floating-point input and output dtypes.
 
     A ``TorchFunctionMode`` sees calls *before* autocast rewrites them, so each record shows the
-    dtypes the caller passed and the dtypes autocast handed back. Use it inside the autocast context::
+    dtypes the caller passed and the dtypes autocast handed back. To tell autocast's doing from
+    PyTorch's ordinary type promotion, each call is run a second time with autocast disabled and
+    the output dtypes compared (in-place calls are not re-run). Use it inside the autocast context::
 
         with torch.amp.autocast("cpu", dtype=torch.bfloat16), AutocastInspector() as seen:
             model(x)
         seen.records
     """
 
-    _SKIP = {"__get__", "size", "dim", "backward"}
+    _SKIP = {"__get__", "__getitem__", "size", "dim", "backward"}  # accessors autocast never touches
 
     def __init__(self):
         super().__init__()
         self.records: list[OpRecord] = []
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
+        kwargs = kwargs or {}
+        out = func(*args, **kwargs)
         name = getattr(func, "__name__", str(func))
-        if name not in self._SKIP:
-            ins = tuple(_float_dtypes((args, kwargs)))
-            outs = tuple(_float_dtypes(out))
-            if outs:
-                self.records.append(OpRecord(name, ins, outs))
+        outs = tuple(_float_dtypes(out))
+        if name in self._SKIP or not outs:
+            return out
+        plain = None
+        devices = [t.device.type for t in tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor)]
+        if devices and not name.endswith("_"):
+            try:
+                with torch.amp.autocast(device_type=devices[0], enabled=False):
+                    plain = tuple(_float_dtypes(func(*args, **kwargs)))
+            except RuntimeError:  # e.g. a BF16 activation times an FP32 weight: only autocast makes that legal
+                plain = None
+        self.records.append(OpRecord(name, tuple(_float_dtypes((args, kwargs))), outs, plain if devices else outs))
         return out
 
     def summary(self) -> dict[str, dict[str, int]]:

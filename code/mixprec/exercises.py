@@ -170,3 +170,25 @@ def check_loss_scaler(make_scaler: Callable[..., object]) -> CheckResult:
         return CheckResult(False, ["缩放因子和跳步都对，但最终权重不同：检查 unscale_ 是否用 1/scale 乘梯度，且每步只做一次"])
     grown = sum(1 for a, b in zip(truth, truth[1:]) if b[0] > a[0])
     return CheckResult(True, [f"400 步中缩放因子、跳过的 {len(poison)} 步和最终权重都与参考实现一致（其间增长 {grown} 次）"])
+
+
+# --- exercise: count the bytes of mixed-precision training -----------------------------------------
+
+
+def check_memory(policy: str, n_params: int, *, weights: float, grads: float, optimizer: float) -> CheckResult:
+    """Check bytes of weights, gradients and AdamW state for ``n_params`` parameters under ``policy``."""
+    from .amp import BYTES_PER_PARAMETER, memory_breakdown
+
+    if policy not in BYTES_PER_PARAMETER:
+        return CheckResult(False, [f"没有 {policy!r} 的内存模型；可选：{', '.join(BYTES_PER_PARAMETER)}"])
+    truth = memory_breakdown(n_params, policy)
+    names = {"weights": "权重", "grads": "梯度", "optimizer": "优化器状态"}
+    msgs, ok = [], True
+    for key, value in {"weights": weights, "grads": grads, "optimizer": optimizer}.items():
+        if _close(float(value), truth[key]):
+            msgs.append(f"{names[key]}：{truth[key]:,.0f} 字节 ✔")
+        else:
+            ok = False
+            per = truth[key] / n_params if n_params else 0
+            msgs.append(f"{names[key]}：你的答案 {float(value):,.0f}，应为 {truth[key]:,.0f}（每个参数 {per:g} 字节）")
+    return CheckResult(ok, msgs)
