@@ -132,8 +132,8 @@ def train(
     """Train ``model`` in place on ``data`` under a precision policy; returns the ``TrainHistory``.
 
     precision: a name from ``mixprec.amp.POLICY_NAMES``, e.g. ``"bf16-amp"`` or ``"emulate:fp16"``.
-        ``bf16-pure`` converts the model's weights to BF16 and ``fp8`` replaces its linear layers,
-        so pass a copy if you need the original afterwards.
+        ``bf16-pure`` and ``*-master`` convert the model's weights to low precision, ``emulate:*``
+        rounds them, and ``fp8`` replaces its linear layers: pass a copy if you need the original.
     scaler: a loss scaler with the ``torch.amp.GradScaler`` interface (scale, unscale_, step, update,
         get_scale). None: the policy's default (a GradScaler for ``fp16-amp``, none otherwise).
         False: no scaling, even for ``fp16-amp``.
