@@ -49,6 +49,8 @@ def test_chapters_rendered(build_log):
     page = (HTML / "book" / "03_amp.html").read_text()
     assert "MixprecMemory.mount" in page and page.count("<img") >= 1 and "{glue" not in page and page.count("<table") >= 6
     assert page.count("✔ 正确") >= 1
+    page = (HTML / "book" / "04_bf16_fp16.html").read_text()
+    assert page.count("<img") >= 5 and "{glue" not in page and page.count("<table") >= 7 and page.count("✔ 正确") >= 3
     for name in ("intro", "references"):
         assert (HTML / "book" / f"{name}.html").exists()
 

@@ -93,3 +93,13 @@ def test_check_memory():
     wrong = check_memory("bf16-amp", n, weights=2 * n, grads=4 * n, optimizer=8 * n)
     assert not wrong and "每个参数 4 字节" in str(wrong)
     assert not check_memory("int4", n, weights=0, grads=0, optimizer=0)
+
+
+def test_check_smallest_update():
+    from mixprec.exercises import check_smallest_update, smallest_visible_update
+
+    assert smallest_visible_update("bf16", 1.0) == 2**-7  # 2**-8 is a tie and rounds back to the even 1.0
+    assert smallest_visible_update("bf16", 1 + 2**-7) == 2**-8  # odd mantissa: the tie rounds up
+    assert smallest_visible_update("fp16", 1.0) == 2**-10
+    assert check_smallest_update("bf16", 1.0, 2**-7)
+    assert "平局" in str(check_smallest_update("bf16", 1.0, 2**-8))

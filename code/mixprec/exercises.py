@@ -192,3 +192,29 @@ def check_memory(policy: str, n_params: int, *, weights: float, grads: float, op
             per = truth[key] / n_params if n_params else 0
             msgs.append(f"{names[key]}：你的答案 {float(value):,.0f}，应为 {truth[key]:,.0f}（每个参数 {per:g} 字节）")
     return CheckResult(ok, msgs)
+
+
+# --- exercise: the smallest update a low-precision weight notices -----------------------------------
+
+
+def smallest_visible_update(fmt: str | FloatFormat, w: float) -> float:
+    """The smallest power of two Δ with round(w + Δ) != w in ``fmt`` (round-to-nearest-even), by trying them all."""
+    f = get_format(fmt)
+    w = float(round_to_format(torch.tensor([w]), f))
+    for k in range(-160, 128):
+        delta = math.ldexp(1.0, k)
+        if float(round_to_format(torch.tensor([w + delta], dtype=torch.float64).float(), f)) != w:
+            return delta
+    raise ValueError(f"no power of two changes {w} in {f.name}")
+
+
+def check_smallest_update(fmt: str | FloatFormat, w: float, answer: float) -> CheckResult:
+    """Check the smallest power-of-two update Δ that changes the weight ``w`` stored in ``fmt``."""
+    f = get_format(fmt)
+    truth = smallest_visible_update(f, w)
+    if _close(float(answer), truth):
+        return CheckResult(True, [f"{f.name} 中 w = {w:g} 处，最小的可见更新是 2^{int(math.log2(truth))} = {truth:.6g} ✔"])
+    ulp = f.ulp(w)
+    parity = "w 的尾数末位是 0（偶数），平局会舍回 w" if truth == ulp else "w 的尾数末位是 1（奇数），平局会进位"
+    hint = "恰好半个 ULP 时是平局，就近舍入取偶数尾数，" + parity
+    return CheckResult(False, [f"你的答案 {float(answer):.6g}，应为 {truth:.6g}。w 处的 ULP 是 {ulp:.6g}；{hint}"])
