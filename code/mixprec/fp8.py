@@ -1,6 +1,16 @@
-"""FP8 linear layers: emulated on any device, or torchao's float8 training on GPUs that have FP8.
+"""FP8: scaling recipes, and linear layers emulated on any device or run by torchao on GPUs with FP8.
 
-The recipe is the usual one: activations and weights in E4M3 (more precision) for the forward
+A tensor goes to FP8 as ``q = round(x * scale)`` with a scale chosen so that its largest values land
+near the format's maximum; ``q / scale`` gives it back. The recipes differ in how many values share
+one scale and how the scale is chosen:
+
+* per tensor, current: one scale from this tensor's amax;
+* per tensor, delayed: one scale from the amax *history* of earlier steps (no extra pass over x);
+* per row: one scale per row (e.g. per token of an activation);
+* per block: one scale per 1×128 or 128×128 block (DeepSeek-V3's recipe);
+* MX: one power-of-two (E8M0) scale per 32 consecutive values (OCP Microscaling).
+
+The linear-layer recipe is the usual one: activations and weights in E4M3 (more precision) for the forward
 matmul, gradients in E5M2 (more range) for the backward matmuls, each tensor scaled by its own
 current absolute maximum so that it fills the format's range ("per-tensor current scaling").
 The matmuls then accumulate in FP32, as FP8 tensor cores do.
@@ -8,17 +18,108 @@ The matmuls then accumulate in FP32, as FP8 tensor cores do.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 from torch import nn
 
-from .formats import E4M3, E5M2, FloatFormat, round_to_format
+from .formats import E4M3, E5M2, FloatFormat, get_format, round_to_format
+
+_TINY = 1e-12  # amax floor: an all-zero tensor gets a finite scale
+
+
+@dataclass(frozen=True)
+class Quantized:
+    """FP8 values (held in float32) and the scales that map them back: ``x ≈ values / scale``."""
+
+    values: torch.Tensor  # same shape as x, every entry on the format's grid
+    scale: torch.Tensor  # broadcastable against values (a scalar, a column, or expanded per block)
+    fmt: FloatFormat
+
+    def dequantize(self) -> torch.Tensor:
+        return self.values / self.scale
+
+
+def _quantize(x: torch.Tensor, scale: torch.Tensor, fmt: FloatFormat) -> Quantized:
+    # saturate: a value beyond the range (possible with delayed scaling) is clamped, never inf/NaN
+    return Quantized(round_to_format(x.detach().float() * scale, fmt, overflow="saturate"), scale, fmt)
+
+
+def _scale_from_amax(amax: torch.Tensor, fmt: FloatFormat, power_of_two: bool) -> torch.Tensor:
+    scale = fmt.max / torch.clamp(amax.float(), min=_TINY)
+    return torch.exp2(torch.floor(torch.log2(scale))) if power_of_two else scale  # rounding down keeps amax in range
+
+
+def quantize_tensorwise(x: torch.Tensor, fmt: str | FloatFormat = E4M3, power_of_two: bool = False) -> Quantized:
+    """One scale for the whole tensor, from its current amax."""
+    fmt = get_format(fmt)
+    return _quantize(x, _scale_from_amax(x.detach().abs().amax(), fmt, power_of_two), fmt)
+
+
+def quantize_rowwise(x: torch.Tensor, fmt: str | FloatFormat = E4M3, power_of_two: bool = False) -> Quantized:
+    """One scale per row (per slice along the last dimension)."""
+    fmt = get_format(fmt)
+    return _quantize(x, _scale_from_amax(x.detach().abs().amax(dim=-1, keepdim=True), fmt, power_of_two), fmt)
+
+
+def quantize_blockwise(x: torch.Tensor, block: tuple[int, int] = (1, 128), fmt: str | FloatFormat = E4M3,
+                       power_of_two: bool = False) -> Quantized:
+    """One scale per ``block`` (rows × columns) tile of a 2-D tensor, e.g. (1, 128) or (128, 128)."""
+    fmt = get_format(fmt)
+    if x.dim() != 2:
+        raise ValueError(f"blockwise quantization takes a 2-D tensor, got shape {tuple(x.shape)}")
+    (rows, cols), (br, bc) = x.shape, block
+    if rows % br or cols % bc:
+        raise ValueError(f"shape {tuple(x.shape)} is not a whole number of {br}×{bc} blocks")
+    tiles = x.detach().reshape(rows // br, br, cols // bc, bc)
+    amax = tiles.abs().amax(dim=(1, 3), keepdim=True)
+    scale = _scale_from_amax(amax, fmt, power_of_two).expand_as(tiles).reshape(rows, cols)
+    return _quantize(x, scale, fmt)
+
+
+def quantize_mx(x: torch.Tensor, fmt: str | FloatFormat = E4M3, block: int = 32) -> Quantized:
+    """OCP Microscaling: each ``block`` consecutive values along the last dimension share a power-of-two scale.
+
+    The shared exponent is floor(log2(amax)) minus the element format's largest exponent, as in the
+    MX specification, so the block's largest value lands in the format's top binade; it can round
+    up past the format's max and is then clamped (saturated).
+    """
+    fmt = get_format(fmt)
+    if x.shape[-1] % block:
+        raise ValueError(f"last dimension {x.shape[-1]} is not a multiple of the MX block size {block}")
+    blocks = x.detach().float().reshape(*x.shape[:-1], x.shape[-1] // block, block)
+    amax = blocks.abs().amax(dim=-1, keepdim=True)
+    shared = torch.floor(torch.log2(torch.clamp(amax, min=_TINY))) - fmt.emax
+    shared = torch.clamp(shared, -127, 127)  # E8M0 holds 2**-127 .. 2**127
+    scale = torch.exp2(-shared).expand_as(blocks).reshape(x.shape)
+    return _quantize(x, scale, fmt)
+
+
+class DelayedScaling:
+    """Per-tensor scaling from the amax of the last ``history`` calls (Transformer Engine's original recipe).
+
+    The scale used now comes only from earlier amaxes, so it can be computed before x is seen; a
+    value larger than the history predicted is clamped to the format's max. The first call, with no
+    history yet, uses its own amax.
+    """
+
+    def __init__(self, fmt: str | FloatFormat = E4M3, history: int = 16):
+        if history < 1:
+            raise ValueError(f"history must be >= 1, got {history}")
+        self.fmt = get_format(fmt)
+        self.history: list[float] = []
+        self.length = history
+
+    def __call__(self, x: torch.Tensor) -> Quantized:
+        amax = float(x.detach().abs().amax())
+        reference = max(self.history) if self.history else amax
+        self.history = (self.history + [amax])[-self.length :]
+        return _quantize(x, _scale_from_amax(torch.tensor(reference), self.fmt, False), self.fmt)
 
 
 def quantize_per_tensor(x: torch.Tensor, fmt: FloatFormat) -> torch.Tensor:
     """x rounded to ``fmt`` after scaling its amax to ``fmt.max``, then scaled back (dequantized), in float32."""
-    amax = x.detach().abs().amax().float()
-    scale = fmt.max / torch.clamp(amax, min=1e-12)
-    return round_to_format(x.float() * scale, fmt, overflow="saturate") / scale
+    return quantize_tensorwise(x, fmt).dequantize()
 
 
 class _Fp8Matmul(torch.autograd.Function):
