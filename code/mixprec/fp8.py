@@ -117,6 +117,29 @@ class DelayedScaling:
         return _quantize(x, _scale_from_amax(torch.tensor(reference), self.fmt, False), self.fmt)
 
 
+def scaled_matmul(a: Quantized, b: Quantized, native: bool = True, out_dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """``a.dequantize() @ b.dequantize().T`` from FP8 operands, the way FP8 GEMMs compute it.
+
+    a: (M, K) with a tensorwise or rowwise (M, 1) scale; b: (N, K), likewise, as weights are stored.
+    native: use ``torch._scaled_mm`` (FP8 inputs, FP32 accumulation, scales applied to the result);
+    it needs E4M3/E5M2 operands. Otherwise, or if the installed torch refuses, the same product is
+    emulated in FP32. Returns (M, N).
+    """
+    if a.values.shape[-1] != b.values.shape[-1]:
+        raise ValueError(f"inner dimensions differ: {tuple(a.values.shape)} and {tuple(b.values.shape)}")
+    if native and a.fmt.torch_dtype is not None and b.fmt.torch_dtype is not None:
+        try:
+            return torch._scaled_mm(
+                a.values.to(a.fmt.torch_dtype), b.values.to(b.fmt.torch_dtype).t(),
+                scale_a=(1 / a.scale).float().reshape(-1, 1) if a.scale.numel() > 1 else (1 / a.scale).float(),
+                scale_b=(1 / b.scale).float().reshape(1, -1) if b.scale.numel() > 1 else (1 / b.scale).float(),
+                out_dtype=out_dtype,
+            )
+        except (RuntimeError, NotImplementedError):
+            pass  # this device or torch has no such FP8 kernel: fall through to the emulation
+    return ((a.values @ b.values.t()) / (a.scale.reshape(-1, 1) * b.scale.reshape(1, -1))).to(out_dtype)
+
+
 def quantize_per_tensor(x: torch.Tensor, fmt: FloatFormat) -> torch.Tensor:
     """x rounded to ``fmt`` after scaling its amax to ``fmt.max``, then scaled back (dequantized), in float32."""
     return quantize_tensorwise(x, fmt).dequantize()
