@@ -34,6 +34,7 @@ def storyteller(size: str = "tiny", steps: int = 1000, precision: str = "fp32", 
 
     if precision == "fp8":
         raise ValueError("storyteller() caches plain GPT-2 checkpoints; train an fp8 model with story.train on a copy instead")
+    progress = train_options.pop("progress", True)  # how it is shown does not change what is trained: not part of the key
     stories = load_stories("offline", n=n_stories, seed=seed)
     tokenizer = train_tokenizer(stories.train)
     data = encode(stories, tokenizer)
@@ -44,7 +45,7 @@ def storyteller(size: str = "tiny", steps: int = 1000, precision: str = "fp32", 
         return model, tokenizer, data, history
     model = build_model(size, len(tokenizer), seed=seed, eos_token_id=tokenizer.eos_token_id)
     settings = {"lr": SIZES[size].lr, "weight_decay": SIZES[size].weight_decay, **train_options}
-    history = train(model, data, precision=precision, steps=steps, seed=seed, **settings)
+    history = train(model, data, precision=precision, steps=steps, seed=seed, progress=progress, **settings)
     model.save_pretrained(path)
     (path / "history.json").write_text(json.dumps(history.as_dict()))
     return model, tokenizer, data, history
