@@ -51,6 +51,8 @@ def test_chapters_rendered(build_log):
     assert page.count("✔ 正确") >= 1
     page = (HTML / "book" / "04_bf16_fp16.html").read_text()
     assert page.count("<img") >= 5 and "{glue" not in page and page.count("<table") >= 7 and page.count("✔ 正确") >= 3
+    page = (HTML / "book" / "05_fp8.html").read_text()
+    assert page.count("<img") >= 2 and "{glue" not in page and page.count("<table") >= 4 and page.count("✔ 正确") >= 1
     for name in ("intro", "references"):
         assert (HTML / "book" / f"{name}.html").exists()
 

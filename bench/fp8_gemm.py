@@ -1,0 +1,46 @@
+"""FP8 (torch._scaled_mm, E4M3, tensorwise scales) against BF16 matmul speed, M = N = K from 512 to 8192.
+
+Run: `python bench/fp8_gemm.py` (prints) or `python bench/fp8_gemm.py --record` on an FP8 GPU, which
+writes book/_data/gpu/fp8_gemm_<device>.json with its provenance. Goal: >= 1.6x BF16 at 8192 on H100.
+On a CPU, _scaled_mm is a reference implementation: the numbers show that it runs, not FP8 speed.
+"""
+
+import argparse
+import json
+import sys
+
+import torch
+from mixprec import hw
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--sizes", type=int, nargs="+", default=None)
+    parser.add_argument("--record", action="store_true", help="write book/_data/gpu/fp8_gemm_<device>.json (GPU only)")
+    args = parser.parse_args()
+    info = hw.device_info()
+    device = torch.device(info.device)
+    sizes = args.sizes or ([512, 1024, 2048, 4096, 8192] if device.type == "cuda" else [256, 512])
+    rows = []
+    for n in sizes:
+        g = torch.Generator().manual_seed(0)
+        a = torch.randn(n, n, generator=g).to(device)
+        b = torch.randn(n, n, generator=g).to(device)
+        a16, b16 = a.bfloat16(), b.bfloat16()
+        a8 = a.clamp(-448, 448).to(torch.float8_e4m3fn)
+        b8 = b.clamp(-448, 448).to(torch.float8_e4m3fn).t()  # column-major second operand, as the kernels want
+        one = torch.ones((), device=device)
+        bf16 = hw.benchmark(lambda x=a16, y=b16: x @ y, device=device).median
+        fp8 = hw.benchmark(lambda x=a8, y=b8, s=one: torch._scaled_mm(x, y, scale_a=s, scale_b=s, out_dtype=torch.bfloat16), device=device).median
+        rows.append({"n": n, "bf16_tflops": 2 * n**3 / bf16 / 1e12, "fp8_tflops": 2 * n**3 / fp8 / 1e12, "speedup": bf16 / fp8})
+        print(f"n={n:5d}  bf16 {rows[-1]['bf16_tflops']:8.2f} TFLOP/s  fp8 {rows[-1]['fp8_tflops']:8.2f} TFLOP/s  speedup {rows[-1]['speedup']:.2f}x")
+    if args.record:
+        if device.type != "cuda":
+            sys.exit("--record is for GPU results; this device is a CPU")
+        path = hw.GPU_DATA_DIR / f"fp8_gemm_{info.name.lower().replace(' ', '_')}.json"
+        path.write_text(json.dumps({**hw.provenance(), "results": rows}, indent=1, ensure_ascii=False))
+        print("recorded", path)
+
+
+if __name__ == "__main__":
+    main()
