@@ -46,16 +46,17 @@ class Policy:
     master_weights: bool = False  # FP32 master copy owned by the optimizer; the model holds the working copy
     uses_scaler: bool = False  # GradScaler by default
 
-    def compute(self, device: torch.device) -> contextlib.AbstractContextManager:
+    @contextlib.contextmanager
+    def compute(self, device: torch.device):
         """The context a forward/backward pass runs in: autocast, TF32 and emulation as the policy says."""
-        stack = contextlib.ExitStack()
-        if self.autocast_dtype is not None:
-            stack.enter_context(torch.amp.autocast(device_type=device.type, dtype=self.autocast_dtype))
-        if self.tf32 and device.type == "cuda":
-            stack.enter_context(_tf32_matmuls())
-        if self.emulate is not None:
-            stack.enter_context(EmulatedPrecision(self.emulate))
-        return stack
+        with contextlib.ExitStack() as stack:
+            if self.autocast_dtype is not None:
+                stack.enter_context(torch.amp.autocast(device_type=device.type, dtype=self.autocast_dtype))
+            if self.tf32 and device.type == "cuda":
+                stack.enter_context(_tf32_matmuls())
+            if self.emulate is not None:
+                stack.enter_context(EmulatedPrecision(self.emulate))
+            yield
 
 
 @contextlib.contextmanager

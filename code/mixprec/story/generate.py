@@ -29,15 +29,17 @@ class InferenceModel:
     emulate: str | None = None
     autocast_dtype: torch.dtype | None = None
 
-    def context(self) -> contextlib.AbstractContextManager:
-        stack = contextlib.ExitStack()
-        stack.enter_context(torch.inference_mode())
+    @contextlib.contextmanager
+    def context(self):
+        """Inference mode, plus autocast or emulation where the precision asks for it."""
         device = next(self.model.parameters()).device
-        if self.autocast_dtype is not None:
-            stack.enter_context(torch.amp.autocast(device_type=device.type, dtype=self.autocast_dtype))
-        if self.emulate is not None:
-            stack.enter_context(EmulatedPrecision(self.emulate))
-        return stack
+        with contextlib.ExitStack() as stack:
+            stack.enter_context(torch.inference_mode())
+            if self.autocast_dtype is not None:
+                stack.enter_context(torch.amp.autocast(device_type=device.type, dtype=self.autocast_dtype))
+            if self.emulate is not None:
+                stack.enter_context(EmulatedPrecision(self.emulate))
+            yield
 
 
 def for_inference(model: torch.nn.Module, precision: str = "fp32") -> InferenceModel:
