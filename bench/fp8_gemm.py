@@ -6,8 +6,6 @@ On a CPU, _scaled_mm is a reference implementation: the numbers show that it run
 """
 
 import argparse
-import json
-import sys
 
 import torch
 from mixprec import hw
@@ -35,11 +33,7 @@ def main() -> None:
         rows.append({"n": n, "bf16_tflops": 2 * n**3 / bf16 / 1e12, "fp8_tflops": 2 * n**3 / fp8 / 1e12, "speedup": bf16 / fp8})
         print(f"n={n:5d}  bf16 {rows[-1]['bf16_tflops']:8.2f} TFLOP/s  fp8 {rows[-1]['fp8_tflops']:8.2f} TFLOP/s  speedup {rows[-1]['speedup']:.2f}x")
     if args.record:
-        if device.type != "cuda":
-            sys.exit("--record is for GPU results; this device is a CPU")
-        path = hw.GPU_DATA_DIR / f"fp8_gemm_{info.name.lower().replace(' ', '_')}.json"
-        path.write_text(json.dumps({**hw.provenance(), "results": rows}, indent=1, ensure_ascii=False))
-        print("recorded", path)
+        print("recorded", hw.record_gpu_result("fp8_gemm", {"results": rows}))
 
 
 if __name__ == "__main__":

@@ -4,8 +4,6 @@ Run: `python bench/matmul_dtypes.py` (prints) or `python bench/matmul_dtypes.py 
 """
 
 import argparse
-import json
-import sys
 
 import torch
 from mixprec import hw
@@ -31,13 +29,7 @@ def main() -> None:
     for name, row in result.items():
         print(f"{name:5s}", "  ".join(f"n={n}: {v:8.2f} TFLOP/s" for n, v in row.items()))
     if args.record:
-        if info.device != "cuda":
-            sys.exit("--record is for GPU results; this device is a CPU")
-        record = {**hw.provenance(), "tflops": result}
-        slug = info.name.lower().replace(" ", "_")
-        path = hw.GPU_DATA_DIR / f"matmul_{slug}.json"
-        path.write_text(json.dumps(record, indent=1, ensure_ascii=False))
-        print("recorded", path)
+        print("recorded", hw.record_gpu_result("matmul", {"tflops": result}))
 
 
 if __name__ == "__main__":

@@ -24,6 +24,7 @@ import torch
 from torch import nn
 
 from .formats import E4M3, E5M2, FloatFormat, get_format, round_to_format
+from .hw import device_info
 
 _TINY = 1e-12  # amax floor: an all-zero tensor gets a finite scale
 
@@ -117,45 +118,51 @@ class DelayedScaling:
         return _quantize(x, _scale_from_amax(torch.tensor(reference), self.fmt, False), self.fmt)
 
 
+def native_scaled_mm(a: Quantized, b: Quantized, out_dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """``torch._scaled_mm`` on FP8 operands: a (M, K) and b (N, K), each with a tensorwise or rowwise scale.
+
+    FP8 inputs, FP32 accumulation, the inverse scales applied to the result. Raises whatever the
+    installed torch raises where it has no such kernel.
+    """
+    if a.fmt.torch_dtype is None or b.fmt.torch_dtype is None:
+        raise TypeError(f"_scaled_mm needs torch FP8 dtypes; got {a.fmt.name} and {b.fmt.name}")
+    inv_a, inv_b = (1 / a.scale).float(), (1 / b.scale).float()
+    return torch._scaled_mm(
+        a.values.to(a.fmt.torch_dtype), b.values.to(b.fmt.torch_dtype).t(),
+        scale_a=inv_a.reshape(-1, 1) if inv_a.numel() > 1 else inv_a,
+        scale_b=inv_b.reshape(1, -1) if inv_b.numel() > 1 else inv_b,
+        out_dtype=out_dtype,
+    )
+
+
 def scaled_matmul(a: Quantized, b: Quantized, native: bool = True, out_dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """``a.dequantize() @ b.dequantize().T`` from FP8 operands, the way FP8 GEMMs compute it.
 
     a: (M, K) with a tensorwise or rowwise (M, 1) scale; b: (N, K), likewise, as weights are stored.
-    native: use ``torch._scaled_mm`` (FP8 inputs, FP32 accumulation, scales applied to the result);
-    it needs E4M3/E5M2 operands. Otherwise, or if the installed torch refuses, the same product is
-    emulated in FP32. Returns (M, N).
+    native: use ``native_scaled_mm`` where this device and torch have the kernel; otherwise the same
+    product is emulated in FP32. Returns (M, N).
     """
     if a.values.shape[-1] != b.values.shape[-1]:
         raise ValueError(f"inner dimensions differ: {tuple(a.values.shape)} and {tuple(b.values.shape)}")
-    if native and a.fmt.torch_dtype is not None and b.fmt.torch_dtype is not None:
+    if native:
         try:
-            return torch._scaled_mm(
-                a.values.to(a.fmt.torch_dtype), b.values.to(b.fmt.torch_dtype).t(),
-                scale_a=(1 / a.scale).float().reshape(-1, 1) if a.scale.numel() > 1 else (1 / a.scale).float(),
-                scale_b=(1 / b.scale).float().reshape(1, -1) if b.scale.numel() > 1 else (1 / b.scale).float(),
-                out_dtype=out_dtype,
-            )
-        except (RuntimeError, NotImplementedError):
-            pass  # this device or torch has no such FP8 kernel: fall through to the emulation
+            return native_scaled_mm(a, b, out_dtype)
+        except (RuntimeError, NotImplementedError, TypeError):
+            pass  # no such FP8 kernel (or not an FP8 dtype torch knows): fall through to the emulation
     return ((a.values @ b.values.t()) / (a.scale.reshape(-1, 1) * b.scale.reshape(1, -1))).to(out_dtype)
-
-
-def quantize_per_tensor(x: torch.Tensor, fmt: FloatFormat) -> torch.Tensor:
-    """x rounded to ``fmt`` after scaling its amax to ``fmt.max``, then scaled back (dequantized), in float32."""
-    return quantize_tensorwise(x, fmt).dequantize()
 
 
 class _Fp8Matmul(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight):
-        xq, wq = quantize_per_tensor(x, E4M3), quantize_per_tensor(weight, E4M3)
+        xq, wq = quantize_tensorwise(x, E4M3).dequantize(), quantize_tensorwise(weight, E4M3).dequantize()
         ctx.save_for_backward(xq, wq)
         return xq @ wq.t()
 
     @staticmethod
     def backward(ctx, grad_out):
         xq, wq = ctx.saved_tensors
-        gq = quantize_per_tensor(grad_out, E5M2)
+        gq = quantize_tensorwise(grad_out, E5M2).dequantize()
         grad_x = gq @ wq
         grad_w = gq.reshape(-1, gq.shape[-1]).t() @ xq.reshape(-1, xq.shape[-1])
         return grad_x, grad_w
@@ -207,11 +214,11 @@ def to_emulated_fp8(linear: nn.Linear) -> Fp8Linear:
 
 def native_fp8_available(device: torch.device | str | None = None) -> tuple[bool, str]:
     """Whether torchao float8 training can run here, and if not, why."""
-    dev = torch.device(device) if device is not None else torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if dev.type != "cuda":
+    info = device_info(device)
+    if info.device != "cuda":
         return False, "FP8 matmuls need an NVIDIA GPU with compute capability 8.9+ (L4, H100); this is a CPU"
-    if torch.cuda.get_device_capability(dev) < (8, 9):
-        return False, f"{torch.cuda.get_device_name(dev)} has compute capability {torch.cuda.get_device_capability(dev)}; FP8 needs 8.9+"
+    if not info.native["fp8"]:
+        return False, f"{info.name} has compute capability {info.compute_capability}; FP8 needs 8.9+"
     try:
         import torchao.float8  # noqa: F401
     except ImportError:

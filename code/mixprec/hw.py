@@ -190,6 +190,16 @@ def provenance(device: str | torch.device | None = None, argv: list[str] | None 
     }
 
 
+def record_gpu_result(prefix: str, payload: dict) -> Path:
+    """Write ``book/_data/gpu/<prefix>_<device>.json``: ``payload`` plus its provenance. GPU results only."""
+    info = device_info()
+    if info.device != "cuda":
+        raise SystemExit("recording is for GPU results; this device is a CPU")
+    path = GPU_DATA_DIR / f"{prefix}_{info.name.lower().replace(' ', '_')}.json"
+    path.write_text(json.dumps({**provenance(), **payload}, indent=1, ensure_ascii=False))
+    return path
+
+
 def load_recorded(name: str, directory: Path | None = None) -> list[dict]:
     """Every recorded GPU result file ``<name>*.json``; each must say where it came from."""
     directory = GPU_DATA_DIR if directory is None else Path(directory)

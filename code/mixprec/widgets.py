@@ -29,9 +29,14 @@ _STYLE = """
 """
 
 
+def _script(filename: str) -> str:
+    """One of the explorers' JavaScript files, as shipped in the package."""
+    return resources.files("mixprec").joinpath(filename).read_text(encoding="utf-8")
+
+
 def explorer_script() -> str:
-    """The explorer's JavaScript, as shipped in the package."""
-    return resources.files("mixprec").joinpath("format_explorer.js").read_text(encoding="utf-8")
+    """The format explorer's JavaScript."""
+    return _script("format_explorer.js")
 
 
 def format_spec(fmt: FloatFormat) -> dict:
@@ -83,7 +88,8 @@ def format_explorer(value: str = "0.1", formats: tuple[str, ...] = DEFAULT_FORMA
 
 
 def scale_explorer_script() -> str:
-    return resources.files("mixprec").joinpath("scale_explorer.js").read_text(encoding="utf-8")
+    """The loss-scale explorer's JavaScript."""
+    return _script("scale_explorer.js")
 
 
 def scale_histogram(values, fmt: str | FloatFormat = "fp16", width: float = 0.25) -> dict:
@@ -145,7 +151,7 @@ class MemoryCalculator:
         self.id = "mm-" + uuid.uuid4().hex[:10]
 
     def _repr_html_(self) -> str:
-        script = resources.files("mixprec").joinpath("memory_calculator.js").read_text(encoding="utf-8")
+        script = _script("memory_calculator.js")
         legend = " ".join(
             f'<span style="color:{c}">■</span> {n}'
             for c, n in (("#1f5fbf", "权重"), ("#e67e22", "梯度"), ("#7d3c98", "优化器状态"), ("#95a5a6", "autocast 权重缓存"))

@@ -61,13 +61,13 @@ def for_inference(model: torch.nn.Module, precision: str = "fp32") -> InferenceM
     if precision in ("fp16-amp", "bf16-amp"):
         return InferenceModel(model, precision, autocast_dtype=torch.float16 if precision == "fp16-amp" else torch.bfloat16)
     if precision == "fp8-weight":
-        from ..fp8 import quantize_per_tensor
+        from ..fp8 import quantize_tensorwise
 
         quantized = copy.deepcopy(model)
         with torch.no_grad():
             for p in quantized.parameters():
                 if p.dim() == 2:
-                    p.copy_(quantize_per_tensor(p, E4M3))
+                    p.copy_(quantize_tensorwise(p, E4M3).dequantize())
         return InferenceModel(quantized, precision)
     if precision.startswith("emulate:"):
         fmt = get_format(precision.removeprefix("emulate:")).name

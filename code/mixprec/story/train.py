@@ -16,7 +16,7 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 
 import torch
 import torch.nn.functional as F
@@ -157,7 +157,7 @@ def train(
         how = convert_to_fp8(model, device)
         history.notes.append(f"fp8 linears: {how}")
         if how.startswith("native"):
-            policy = Policy(policy.name, autocast_dtype=torch.bfloat16, fp8=True)
+            policy = replace(policy, autocast_dtype=torch.bfloat16)
     if policy.tf32 and device.type != "cuda":
         history.notes.append("tf32 has no effect on a CPU: this run is plain fp32")
     if policy.master_weights:
