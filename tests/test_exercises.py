@@ -103,3 +103,17 @@ def test_check_smallest_update():
     assert smallest_visible_update("fp16", 1.0) == 2**-10
     assert check_smallest_update("bf16", 1.0, 2**-7)
     assert "平局" in str(check_smallest_update("bf16", 1.0, 2**-8))
+
+
+def test_check_mystery_fix():
+    from mixprec import clinic
+
+    def two_pass_fp32(x, weight, bias, eps):
+        h = x.float()
+        mean = h.mean(-1, keepdim=True)
+        var = ((h - mean) ** 2).mean(-1, keepdim=True)
+        return ((h - mean) / torch.sqrt(var + eps)).to(x.dtype) * weight + bias
+
+    assert X.check_mystery_fix(two_pass_fp32)
+    assert not X.check_mystery_fix(clinic.layer_norm_one_pass)  # the model's own: fails in FP16
+    assert not X.check_mystery_fix(lambda x, w, b, eps: x)  # finite, but not a LayerNorm

@@ -60,6 +60,31 @@ CASES: dict[str, Case] = {
 }
 
 
+# The exercise: a model the chapter does not show. Its mistake is for the reader to find.
+MYSTERY = Case("mystery", "练习：找出这个模型的毛病", "fp16-model")
+MYSTERY_OFFSET = 30.0  # its token features are all positive, around 30 (like raw counts or intensities)
+
+
+def layer_norm_one_pass(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float = 1e-5) -> torch.Tensor:
+    """The mystery model's normalisation."""
+    mean = x.mean(-1, keepdim=True)
+    var = (x * x).mean(-1, keepdim=True) - mean * mean
+    return (x - mean) / torch.sqrt(var + eps) * weight + bias
+
+
+class FunctionalNorm(nn.Module):
+    """A LayerNorm whose arithmetic is ``fn(x, weight, bias, eps)``: the mystery model's, or a reader's fix."""
+
+    def __init__(self, width: int, fn, eps: float = 1e-5):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(width))
+        self.bias = nn.Parameter(torch.zeros(width))
+        self.fn, self.eps = fn, eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fn(x, self.weight, self.bias, self.eps)
+
+
 # --- the task: name the largest token of a padded sequence ----------------------------------------
 
 def make_batch(batch_size: int, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
@@ -207,9 +232,9 @@ class ClinicModel(nn.Module):
     have ("massive activations"); everything but the custom op copes with it.
     """
 
-    def __init__(self, bug: str | None = None, width: int = 64, seed: int = 0):
+    def __init__(self, bug: str | None = None, width: int = 64, seed: int = 0, norm_fn=None):
         super().__init__()
-        if bug is not None and bug not in CASES:
+        if bug is not None and bug not in CASES and bug != MYSTERY.name:
             raise ValueError(f"unknown case {bug!r}; valid: {', '.join(CASES)}")
         self.bug = bug
         with torch.random.fork_rng(devices=[]):
@@ -218,6 +243,9 @@ class ClinicModel(nn.Module):
             self.norm = HandLayerNorm(width, eps=1e-12 if bug == "layernorm_eps" else 1e-5, in_fp32=bug != "layernorm_eps")
             self.attn = Attention(width, bug)
             self.proj = nn.Linear(width, width)
+        if bug == MYSTERY.name or norm_fn is not None:
+            self.norm = FunctionalNorm(width, norm_fn or layer_norm_one_pass)
+        self.offset = MYSTERY_OFFSET if bug == MYSTERY.name or norm_fn is not None else 0.0
         self.head_norm = L2Normalize(as_given=bug == "custom_op")
         outlier = torch.zeros(width)
         if bug == "custom_op":
@@ -227,7 +255,8 @@ class ClinicModel(nn.Module):
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
         valid = tokens != 0  # (B, T)
         x = self.embed(tokens)
-        x = x + self.attn(self.norm(x), valid) + self.outlier.to(x.dtype)
+        h = self.norm(x + self.offset * valid[..., None].to(x.dtype))  # mystery: the norm's input is offset; LN removes a mean
+        x = x + self.attn(h, valid) + self.outlier.to(x.dtype)
         pooled = (x * valid[..., None]).sum(1) / valid.sum(1, keepdim=True)
         z = self.head_norm(self.proj(pooled))
         return (math.sqrt(z.shape[-1]) * z) @ self.embed.weight.T.to(z.dtype)
@@ -262,18 +291,22 @@ class CaseRun:
 
 
 def run_case(case: str, fixed: bool, steps: int = 300, batch_size: int = 64, seed: int = 0, device: str | torch.device = "cpu",
-             trace: bool = True, progress: bool = False) -> CaseRun:
+             trace: bool = True, progress: bool = False, norm_fn=None) -> CaseRun:
     """Train the case's model (broken, or with its fix) and report what happened.
 
     trace: before each step, until one is found, run its forward and backward once more without
         loss scaling under ``debug.trace_nonfinite``: the first inf or NaN anywhere, even one that
         later ops hide, goes into ``first_failure``.
+    norm_fn: for the mystery case, the reader's ``fn(x, weight, bias, eps)`` used as the fix.
     """
-    if case not in CASES:
+    if case not in CASES and case != MYSTERY.name:
         raise ValueError(f"unknown case {case!r}; valid: {', '.join(CASES)}")
-    spec = CASES[case]
+    spec = CASES.get(case, MYSTERY)
     device = torch.device(device)
-    model = ClinicModel(None if fixed else case, seed=seed).to(device)
+    if case == MYSTERY.name:
+        model = ClinicModel(MYSTERY.name, seed=seed, norm_fn=norm_fn if fixed else None).to(device)
+    else:
+        model = ClinicModel(None if fixed else case, seed=seed).to(device)
     lr = spec.fixed_lr if fixed and spec.fixed_lr else spec.lr
     if spec.precision == "fp16-model":
         master = MasterWeights(model, torch.float16)

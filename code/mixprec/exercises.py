@@ -218,3 +218,36 @@ def check_smallest_update(fmt: str | FloatFormat, w: float, answer: float) -> Ch
     parity = "w 的尾数末位是 0（偶数），平局会舍回 w" if truth == ulp else "w 的尾数末位是 1（奇数），平局会进位"
     hint = "恰好半个 ULP 时是平局，就近舍入取偶数尾数，" + parity
     return CheckResult(False, [f"你的答案 {float(answer):.6g}，应为 {truth:.6g}。w 处的 ULP 是 {ulp:.6g}；{hint}"])
+
+
+# --- exercise: diagnose and fix the clinic's mystery model ------------------------------------------
+
+
+def check_mystery_fix(norm_fn: Callable[..., torch.Tensor]) -> CheckResult:
+    """Check a fix for ``clinic``'s mystery model: ``norm_fn(x, weight, bias, eps)`` replaces its normalisation.
+
+    It must compute a LayerNorm (compared with ``F.layer_norm`` in FP32), stay finite in FP16 on the
+    model's inputs, and let the model learn its task in FP16 (``clinic.run_case("mystery", fixed=True)``).
+    """
+    from . import clinic
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(8, 12, 64, generator=g) + clinic.MYSTERY_OFFSET
+    weight, bias = torch.rand(64, generator=g) + 0.5, torch.randn(64, generator=g) * 0.1
+    try:
+        yours = norm_fn(x, weight, bias, 1e-5)
+        truth = torch.nn.functional.layer_norm(x, (64,), weight, bias, 1e-5)
+        if yours.shape != truth.shape or not torch.allclose(yours.float(), truth, atol=1e-3, rtol=1e-3):
+            return CheckResult(False, ["在 FP32 中，你的函数和 F.layer_norm 的结果不一致：它应当仍然是一个 LayerNorm"])
+        half = norm_fn(x.half(), weight.half(), bias.half(), 1e-5)
+        if not bool(torch.isfinite(half).all()):
+            return CheckResult(False, ["在 FP16 输入上它仍然产生 inf 或 NaN：看看方差是怎么算出来的"])
+        run = clinic.run_case("mystery", fixed=True, norm_fn=norm_fn)
+    except Exception as error:  # the reader's code: report what broke, don't crash the notebook
+        return CheckResult(False, [f"运行出错：{type(error).__name__}: {error}"])
+    if not run.trained:
+        where = f"；追踪器在第 {run.failure_step} 步发现：{run.first_failure}" if run.first_failure else ""
+        return CheckResult(False, [f"FP16 训练后留出准确率 {run.accuracy:.1%}，跳过了 {run.skipped_fraction:.0%} 的步{where}"])
+    rel = float((half.float() - truth).abs().max())
+    return CheckResult(True, [f"FP32 结果与 F.layer_norm 一致；FP16 中最大绝对误差 {rel:.2e}；"
+                              f"FP16 训练 {len(run.loss)} 步后留出准确率 {run.accuracy:.1%}，没有 inf 或 NaN"])
