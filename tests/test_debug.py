@@ -116,7 +116,7 @@ def test_clinic_tracer_points_at_the_cause():
         "fp16_loss": (debug.OUTSIDE, "log"),  # log(0): p underflowed
         "additive_mask": ("attn", "lift_fresh"),  # the constant -1e9 is already -inf in FP16
         "exploding_lr": ("attn", "bmm"),  # weights blown up: the scores overflow
-        "custom_op": ("head_norm", "sum"),  # Σx² in FP16 inside the custom Function
+        "custom_op": ("head_norm", "mul"),  # x·x in FP16 inside the custom Function
     }
     for case, (module, op) in expected.items():
         found = clinic.run_case(case, fixed=False, steps=80).first_failure

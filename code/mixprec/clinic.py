@@ -137,7 +137,7 @@ class _L2NormalizeFn(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x: torch.Tensor, eps: float) -> torch.Tensor:
-        inv_norm = torch.rsqrt((x * x).sum(-1, keepdim=True) + eps)  # Σx² overflows FP16 once ‖x‖ > 255.9
+        inv_norm = torch.rsqrt((x * x).sum(-1, keepdim=True) + eps)  # in FP16, x·x is inf once |x| > 255.9
         y = x * inv_norm
         ctx.save_for_backward(y, inv_norm)
         return y
@@ -228,7 +228,7 @@ class ClinicModel(nn.Module):
 
     ``bug`` names the case whose mistake is switched on (None: every piece in its fixed version).
     The output layer is tied to the token embedding, so the logits are scores against each token.
-    ``custom_op`` adds an outlier channel of 600 to the residual stream, as large language models
+    ``custom_op`` adds an outlier channel of 4000 to the residual stream, as large language models
     have ("massive activations"); everything but the custom op copes with it.
     """
 
@@ -249,7 +249,7 @@ class ClinicModel(nn.Module):
         self.head_norm = L2Normalize(as_given=bug == "custom_op")
         outlier = torch.zeros(width)
         if bug == "custom_op":
-            outlier[0] = 600.0
+            outlier[0] = 4000.0
         self.register_buffer("outlier", outlier)
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
