@@ -135,3 +135,30 @@ def value_grid(fmt, ax=None, flush_subnormals: bool = False, y: float = 0.0, col
     ax.plot(v[sub], [y] * int(sub.sum()), "|", markersize=14, color="#e67e22")
     return ax
 
+
+
+def triage_chart(steps: list[tuple[str, str]], ax=None, no_label: str = "否", yes_label: str = "是"):
+    """A decision chain as a flow chart: each (question, action) is a box; "yes" goes right to the
+    action, "no" goes down to the next question."""
+    import matplotlib.pyplot as plt
+    from matplotlib.patches import FancyBboxPatch
+
+    n = len(steps)
+    if ax is None:
+        _, ax = plt.subplots(figsize=(9.5, 1.05 * n + 0.3))
+    box = dict(boxstyle="round,pad=0.35", linewidth=1.0)
+    for i, (question, action) in enumerate(steps):
+        y = n - 1 - i
+        ax.add_patch(FancyBboxPatch((0.0, y + 0.15), 4.4, 0.6, facecolor="#e8f0fb", edgecolor="#1f5fbf", **box))
+        ax.text(2.2, y + 0.45, question, ha="center", va="center", fontsize=9.5)
+        ax.add_patch(FancyBboxPatch((5.6, y + 0.15), 4.6, 0.6, facecolor="#eaf6ea", edgecolor="#2ca02c", **box))
+        ax.text(7.9, y + 0.45, action, ha="center", va="center", fontsize=9.5)
+        ax.annotate("", xy=(5.45, y + 0.45), xytext=(4.55, y + 0.45), arrowprops=dict(arrowstyle="->", color="#2ca02c"))
+        ax.text(5.0, y + 0.55, yes_label, ha="center", fontsize=8.5, color="#2ca02c")
+        if i < n - 1:
+            ax.annotate("", xy=(2.2, y - 0.1), xytext=(2.2, y + 0.05), arrowprops=dict(arrowstyle="->", color="#1f5fbf"))
+            ax.text(2.35, y - 0.05, no_label, fontsize=8.5, color="#1f5fbf", va="center")
+    ax.set_xlim(-0.3, 10.5)
+    ax.set_ylim(-0.2, n)
+    ax.axis("off")
+    return ax
