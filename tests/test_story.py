@@ -313,3 +313,54 @@ def test_bench_cli_writes_provenance(tmp_path, monkeypatch):
     record = json.loads(out.read_text())
     assert {"device", "torch_version", "date", "command", "compute_capability"} <= set(record)
     assert record["command"].startswith("python -m mixprec.bench train") and record["tokens_per_s"] > 0
+
+
+# --- inference speed and the adaptive generator ---------------------------------------------------
+
+
+def test_token_entropy_and_generated_token_count():
+    from mixprec.story import count_generated, token_entropy
+
+    assert token_entropy(torch.zeros(4)).item() == pytest.approx(math.log(4))
+    assert token_entropy(torch.tensor([0.0, -1e4])).item() == pytest.approx(0.0, abs=1e-12)
+    block = torch.tensor([[5, 6, 0, 0, 0], [5, 6, 7, 8, 9], [0, 0, 0, 0, 0]])  # EOS = 0, then padding
+    assert count_generated(block, eos_token_id=0) == 3 + 5 + 1
+
+
+def test_time_generation_counts_only_generated_tokens_and_leaves_the_model_alone(tokenizer):
+    from mixprec.story import time_generation
+
+    model = tiny(tokenizer)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    timing = time_generation(model, tokenizer, "Once upon a time", "bf16", batch_size=3, max_new_tokens=6, repeat=1)
+    assert 3 <= timing.generated_tokens <= 18 and timing.seconds > 0 and timing.tokens_per_s > 0
+    assert timing.weight_bytes == sum(p.numel() for p in model.parameters()) * 2
+    assert all(torch.equal(model.state_dict()[k], v) for k, v in before.items())
+    with pytest.raises(ValueError):
+        time_generation(model, tokenizer, "Tom", batch_size=0)
+
+
+def test_adaptive_generator_chooses_by_budget(tokenizer):
+    from mixprec.story import AdaptiveGenerator, PrecisionProfile
+
+    model = tiny(tokenizer)
+    gen = AdaptiveGenerator(model, tokenizer, ("fp32", "bf16", "fp16"))
+    with pytest.raises(RuntimeError, match="calibrate"):
+        gen.choose(100)
+    assert gen.models["bf16"].model is not model and gen.models["fp32"].model is model  # copies, FP32 untouched
+    gen.profiles = {p.precision: p for p in (
+        PrecisionProfile("fp32", tokens_per_s=100.0, kl_to_fp32=0.0, weight_bytes=4),
+        PrecisionProfile("bf16", tokens_per_s=300.0, kl_to_fp32=2e-3, weight_bytes=2),
+        PrecisionProfile("fp16", tokens_per_s=250.0, kl_to_fp32=1e-4, weight_bytes=2),
+    )}
+    assert gen.choose(100, latency_budget_s=2.0) == "fp32"  # 1 s in FP32 fits: the most faithful wins
+    assert gen.choose(100, latency_budget_s=0.45) == "fp16"  # FP32 misses; FP16 (0.4 s) is closer to FP32 than BF16
+    assert gen.choose(100, latency_budget_s=0.1) == "bf16"  # nothing fits: the fastest
+    assert gen.choose(100, max_kl=1e-3) == "fp16"  # quality budget: the fastest within it
+    assert gen.choose(100, max_kl=1e-6) == "fp32"
+    profiles = gen.calibrate(["Once upon a time", "Tom had a dog"], new_tokens=4, repeat=1)
+    assert [p.precision for p in profiles] == ["fp32", "bf16", "fp16"] and profiles[0].kl_to_fp32 == 0
+    story, chosen = gen.generate("Tom", new_tokens=5, max_kl=1.0)
+    assert chosen in gen.models and 1 <= len(story.token_ids) <= 5
+    with pytest.raises(ValueError, match="fp32"):
+        AdaptiveGenerator(model, tokenizer, ("bf16",))

@@ -11,13 +11,15 @@ from ..cache import cache_key
 from .corpus import GrammarScore, StoryData, generate_stories, grammar_score, load_stories, split_sentences
 from .data import TokenData, encode
 from .generate import Generation, InferenceModel, for_inference, generate
-from .metrics import distinct_n, greedy_agreement, next_token_kl, perplexity, token_kl, unigram_entropy
+from .inference import AdaptiveGenerator, GenerationTiming, PrecisionProfile, count_generated, time_generation
+from .metrics import distinct_n, greedy_agreement, next_token_kl, next_token_logits, perplexity, token_entropy, token_kl, unigram_entropy
 from .model import SIZES, build_model, count_parameters, load_pretrained_gpt2
 from .tokenizer import train_tokenizer
 from .train import TrainHistory, evaluate, gradient_sample, train
 
 __all__ = [
-    "SIZES", "GrammarScore", "Generation", "InferenceModel", "StoryData", "TokenData", "TrainHistory", "build_model", "count_parameters",
+    "SIZES", "AdaptiveGenerator", "GenerationTiming", "PrecisionProfile", "count_generated", "next_token_logits", "time_generation",
+    "token_entropy", "GrammarScore", "Generation", "InferenceModel", "StoryData", "TokenData", "TrainHistory", "build_model", "count_parameters",
     "distinct_n", "encode", "evaluate", "for_inference", "gradient_sample", "generate", "generate_stories", "grammar_score", "greedy_agreement",
     "load_pretrained_gpt2", "load_stories", "next_token_kl", "perplexity", "split_sentences", "storyteller", "token_kl", "train",
     "train_tokenizer", "unigram_entropy",

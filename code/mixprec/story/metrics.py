@@ -32,17 +32,25 @@ def token_kl(reference_logits: torch.Tensor, logits: torch.Tensor) -> torch.Tens
     return (log_p_ref.exp() * (log_p_ref - log_p)).sum(-1)
 
 
+def token_entropy(logits: torch.Tensor) -> torch.Tensor:
+    """Entropy (nats) of the next-token distribution at each position, computed in FP64: lower is "sharper"."""
+    log_p = F.log_softmax(logits.double(), dim=-1)
+    return -(log_p.exp() * log_p).sum(-1)
+
+
+def next_token_logits(prepared, input_ids: torch.Tensor) -> torch.Tensor:
+    """FP32 copy of the logits an ``InferenceModel`` gives on ``input_ids`` (batch, positions, vocab), on the CPU."""
+    device = next(prepared.model.parameters()).device
+    with prepared.context():
+        return prepared.model(input_ids.to(device)).logits.float().cpu()
+
+
 def next_token_kl(reference, other, input_ids: torch.Tensor) -> torch.Tensor:
     """Per-position KL of ``other``'s next-token distribution against ``reference``'s, on the same prefixes.
 
     Both are ``InferenceModel``s (``story.generate.for_inference``); returns (batch, positions).
     """
-    logits = []
-    for prepared in (reference, other):
-        device = next(prepared.model.parameters()).device
-        with prepared.context():
-            logits.append(prepared.model(input_ids.to(device)).logits.float().cpu())
-    return token_kl(*logits)
+    return token_kl(next_token_logits(reference, input_ids), next_token_logits(other, input_ids))
 
 
 @dataclass(frozen=True)
