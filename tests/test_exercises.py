@@ -117,3 +117,12 @@ def test_check_mystery_fix():
     assert X.check_mystery_fix(two_pass_fp32)
     assert not X.check_mystery_fix(clinic.layer_norm_one_pass)  # the model's own: fails in FP16
     assert not X.check_mystery_fix(lambda x, w, b, eps: x)  # finite, but not a LayerNorm
+
+
+def test_check_tokens_per_second():
+    def right(block, eos, seconds):
+        return sum(row.index(eos) + 1 if eos in row else len(row) for row in block.tolist()) / seconds
+
+    assert X.check_tokens_per_second(right)
+    assert not X.check_tokens_per_second(lambda block, eos, seconds: block.numel() / seconds)  # counts the padding
+    assert not X.check_tokens_per_second(lambda block, eos, seconds: int((block != eos).sum()) / seconds)  # drops EOS

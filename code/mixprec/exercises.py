@@ -251,3 +251,32 @@ def check_mystery_fix(norm_fn: Callable[..., torch.Tensor]) -> CheckResult:
     rel = float((half.float() - truth).abs().max())
     return CheckResult(True, [f"FP32 结果与 F.layer_norm 一致；FP16 中最大绝对误差 {rel:.2e}；"
                               f"FP16 训练 {len(run.loss)} 步后留出准确率 {run.accuracy:.1%}，没有 inf 或 NaN"])
+
+
+# --- exercise: count generated tokens honestly ------------------------------------------------------
+
+
+def check_tokens_per_second(fn: Callable[[torch.Tensor, int, float], float]) -> CheckResult:
+    """Check ``fn(new_tokens, eos_token_id, seconds)``: tokens really generated per second.
+
+    Each row of ``new_tokens`` counts up to and including its first EOS; what follows is padding.
+    """
+    from .story.inference import count_generated
+
+    eos = 0
+    cases = [
+        ("没有 EOS", torch.tensor([[5, 6, 7, 8]]), 2.0),
+        ("中途生成 EOS，之后是填充", torch.tensor([[5, eos, eos, eos], [5, 6, 7, 8]]), 0.5),
+        ("第一个词元就是 EOS", torch.tensor([[eos, eos, eos], [4, eos, eos], [4, 4, eos]]), 1.0),
+        ("EOS 之后又出现普通词元（只算到第一个 EOS）", torch.tensor([[3, eos, 3, 3]]), 1.0),
+    ]
+    for name, block, seconds in cases:
+        truth = count_generated(block, eos) / seconds
+        try:
+            yours = float(fn(block.clone(), eos, seconds))
+        except Exception as error:  # the reader's code: report what broke, don't crash the notebook
+            return CheckResult(False, [f"{name}：运行出错：{type(error).__name__}: {error}"])
+        if not _close(yours, truth):
+            hint = "按请求的最大长度计算会高估提前结束的序列" if yours > truth else "EOS 本身也是生成的词元，要算进去"
+            return CheckResult(False, [f"{name}：你的结果 {yours:g}，应为 {truth:g}（{hint}）"])
+    return CheckResult(True, [f"{len(cases)} 种情况都正确：每个序列算到并包括它的第一个 EOS"])

@@ -1,0 +1,39 @@
+"""Story generation speed per precision and batch size; on a GPU, records the result into book/_data/gpu/.
+
+Run: `python bench/generation.py` (prints) or `python bench/generation.py --record` on a GPU, which
+writes book/_data/gpu/generation_<device>.json for chapter 7. Tokens/s counts only the tokens each
+sequence really generated (up to and including EOS).
+"""
+
+import argparse
+
+import torch
+from mixprec import hw, story
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--size", default="tiny", choices=sorted(story.SIZES))
+    parser.add_argument("--precisions", nargs="+", default=["fp32", "fp16", "bf16"])
+    parser.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 8, 32, 128])
+    parser.add_argument("--new-tokens", type=int, default=128)
+    parser.add_argument("--record", action="store_true", help="write book/_data/gpu/generation_<device>.json (GPU only)")
+    args = parser.parse_args()
+
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    model, tokenizer, _, _ = story.storyteller(args.size, progress=False)
+    model.to(device)
+    rows = []
+    for precision in args.precisions:
+        for batch in args.batch_sizes:
+            t = story.time_generation(model, tokenizer, "Once upon a time", precision, batch, args.new_tokens)
+            rows.append({"precision": precision, "batch_size": batch, "seconds": t.seconds, "generated_tokens": t.generated_tokens,
+                         "tokens_per_s": t.tokens_per_s, "latency_per_token_s": t.latency_per_token, "peak_memory_bytes": t.peak_memory,
+                         "weight_bytes": t.weight_bytes})
+            print(f"{precision:5s} batch {batch:4d}: {t.tokens_per_s:10.1f} tokens/s, {t.latency_per_token * 1e3:7.2f} ms/token")
+    if args.record:
+        print("recorded", hw.record_gpu_result("generation", {"size": args.size, "new_tokens": args.new_tokens, "rows": rows}))
+
+
+if __name__ == "__main__":
+    main()
