@@ -40,9 +40,20 @@ _ready = False
 
 
 def find_cjk_font() -> str | None:
-    """Name of an installed font with Chinese glyphs, or None."""
+    """Name of an installed font with Chinese glyphs, or None.
+
+    A font installed after matplotlib built its font list (a notebook's setup cell installing
+    fonts-noto-cjk, say) is not in that list yet: look for its file and add it.
+    """
     installed = {f.name for f in font_manager.fontManager.ttflist}
-    return next((name for name in CJK_FONTS if name in installed), None)
+    found = next((name for name in CJK_FONTS if name in installed), None)
+    if found is None:
+        for path in font_manager.findSystemFonts():
+            if any(key in path for key in ("NotoSansCJK", "SourceHanSans", "wqy-")):
+                font_manager.fontManager.addfont(path)
+        installed = {f.name for f in font_manager.fontManager.ttflist}
+        found = next((name for name in CJK_FONTS if name in installed), None)
+    return found
 
 
 def setup(force_english: bool = False) -> str | None:

@@ -1,0 +1,140 @@
+"""Make one Colab notebook per chapter from the MyST sources.
+
+    python tools/colab_notebooks.py --out _build/colab            # mixprec from the repository at HEAD
+    python tools/colab_notebooks.py --out /tmp/nb --source ./code  # mixprec from a local checkout (CI)
+
+Each notebook starts with a setup cell that installs mixprec at the same commit as the site (never
+torch: Colab's own is used) and a CJK font for the plots, and asks Colab for a GPU. The repository
+URL comes from ``_config.yml`` (``repository.url``), the one place it is set. MyST that Colab cannot
+render is rewritten: ``literalinclude`` becomes the included source, admonitions become quotes,
+exercises become headings, and paragraphs with computed numbers become hidden cells that fill them in
+(``mixprec.notebook``). Notebooks are written to ``<out>/book/<chapter>.ipynb``, the paths the book's
+Colab buttons point at on the published ``colab`` branch.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ast
+import json
+import re
+import subprocess
+from pathlib import Path
+
+import jupytext
+import nbformat
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+
+SETUP = '''# 运行本章前的准备（Colab 或任何 Jupyter）：安装与网站同一版本的 mixprec，以及画图用的中文字体。
+# 不会重装 PyTorch：mixprec 只要求 torch>=2.4，使用环境自带的版本。
+MIXPREC_SOURCE = {source!r}
+
+import os, shutil, subprocess, sys
+subprocess.run([sys.executable, "-m", "pip", "install", "--quiet", MIXPREC_SOURCE], check=True)
+has_cjk = shutil.which("fc-list") and subprocess.run(["fc-list", ":lang=zh"], capture_output=True, text=True).stdout.strip()
+if not has_cjk and shutil.which("apt-get") and hasattr(os, "geteuid") and os.geteuid() == 0:
+    subprocess.run("apt-get -qq update && apt-get -qq install -y fonts-noto-cjk", shell=True, check=False)
+
+from mixprec import notebook
+notebook.install()  # myst_nb.glue, when myst-nb is not installed
+'''
+
+
+def repository_url() -> str:
+    config = yaml.safe_load((ROOT / "_config.yml").read_text())
+    return config["repository"]["url"].rstrip("/")
+
+
+def chapters() -> list[str]:
+    """Docnames of the chapters in the table of contents, in order."""
+    toc = yaml.safe_load((ROOT / "_toc.yml").read_text())
+    names = [toc["root"]]
+    for part in toc.get("parts", []):
+        names += [c["file"] for c in part.get("chapters", [])]
+    return [n for n in names if (ROOT / f"{n}.md").read_text(encoding="utf-8").startswith("---\njupytext")]
+
+
+def _python_object(path: Path, name: str) -> str:
+    """Source of a top-level function or class (or ``Class.method``) in ``path``, as literalinclude's :pyobject: gives it."""
+    source = path.read_text(encoding="utf-8")
+    nodes = ast.parse(source).body
+    for part in name.split("."):
+        node = next(n for n in nodes if isinstance(n, (ast.FunctionDef, ast.ClassDef, ast.AsyncFunctionDef)) and n.name == part)
+        nodes = node.body
+    lines = source.splitlines()
+    start = min([node.lineno] + [d.lineno for d in node.decorator_list])
+    return "\n".join(lines[start - 1 : node.end_lineno])
+
+
+_INCLUDE = re.compile(r"```\{literalinclude\} (\S+)\n(?::[^\n]*\n)*?:pyobject: (\S+)\n(?::[^\n]*\n)*```")
+_ADMONITION = re.compile(r":::\{admonition\} ([^\n]*)\n(?::class:[^\n]*\n)?(.*?)\n:::", re.S)
+_EXERCISE = re.compile(r"```\{exercise\} ([^\n]*)\n:label: [^\n]*\n(.*?)\n```", re.S)
+_SOLUTION_START = re.compile(r"````\{solution-start\}[^\n]*\n(?::class:[^\n]*\n)?````")
+_SOLUTION_END = re.compile(r"````\{solution-end\}\n````")
+_LABEL = re.compile(r"^\([\w-]+\)=\n", re.M)
+_BIBLIOGRAPHY = re.compile(r"```\{bibliography\}\n(?::[^\n]*\n)*```")
+
+
+def plain_markdown(text: str, chapter_dir: Path) -> str:
+    """MyST directives rewritten as Markdown that Colab renders (roles are left to ``mixprec.notebook.fill``)."""
+    text = _INCLUDE.sub(lambda m: "```python\n" + _python_object((chapter_dir / m.group(1)).resolve(), m.group(2)) + "\n```", text)
+    text = _ADMONITION.sub(lambda m: f"> **{m.group(1)}**\n>\n" + "\n".join("> " + line for line in m.group(2).splitlines()), text)
+    text = _EXERCISE.sub(lambda m: f"### 练习：{m.group(1)}\n\n{m.group(2)}", text)
+    text = _SOLUTION_START.sub("#### 解答", text)
+    text = _SOLUTION_END.sub("", text)
+    text = _BIBLIOGRAPHY.sub("（参考文献列表见网站。）", text)
+    return _LABEL.sub("", text).strip()
+
+
+def make_notebook(docname: str, source: str) -> nbformat.NotebookNode:
+    from mixprec.notebook import fill
+
+    path = ROOT / f"{docname}.md"
+    nb = jupytext.read(path)
+    cells = [nbformat.v4.new_code_cell(SETUP.format(source=source), metadata={"id": "setup"})]
+    for cell in nb.cells:
+        if cell.cell_type == "code":
+            cells.append(nbformat.v4.new_code_cell(cell.source, metadata={k: v for k, v in cell.metadata.items() if k == "tags"}))
+            continue
+        text = plain_markdown(cell.source, path.parent)
+        if not text:
+            continue
+        if "{glue:" in text:  # numbers computed above: fill them in when the cell runs
+            code = "#@title 正文\nfrom mixprec import notebook\nnotebook.markdown(" + json.dumps(text, ensure_ascii=False) + ")"
+            cells.append(nbformat.v4.new_code_cell(code, metadata={"cellView": "form"}))
+        else:
+            cells.append(nbformat.v4.new_markdown_cell(fill(text)))
+    out = nbformat.v4.new_notebook(cells=cells)
+    out.metadata = {
+        "kernelspec": {"name": "python3", "display_name": "Python 3", "language": "python"},
+        "language_info": {"name": "python"},
+        "accelerator": "GPU",
+        "colab": {"provenance": [], "gpuType": "T4", "name": f"{Path(docname).name}.ipynb"},
+    }
+    nbformat.validate(out)
+    return out
+
+
+def main(argv: list[str] | None = None) -> list[Path]:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", type=Path, default=ROOT / "_build" / "colab")
+    parser.add_argument("--ref", help="commit or tag to install mixprec from (default: git HEAD)")
+    parser.add_argument("--source", help="pip requirement for mixprec instead of the repository (e.g. a local ./code path)")
+    args = parser.parse_args(argv)
+    if args.source is None:
+        ref = args.ref or subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True, check=True).stdout.strip()
+        args.source = f"git+{repository_url()}@{ref}#subdirectory=code"
+    written = []
+    for docname in chapters():
+        target = args.out / f"{docname}.ipynb"
+        target.parent.mkdir(parents=True, exist_ok=True)
+        nbformat.write(make_notebook(docname, args.source), target)
+        written.append(target)
+    print(f"{len(written)} notebooks in {args.out}, installing {args.source}")
+    return written
+
+
+if __name__ == "__main__":
+    main()
