@@ -1,27 +1,8 @@
 """Build the whole book with execution and warnings as errors, then check what it produced."""
 
 import json
-import shutil
-import subprocess
-from pathlib import Path
 
-import pytest
-
-ROOT = Path(__file__).resolve().parents[1]
-HTML = ROOT / "_build" / "html"
-
-
-@pytest.fixture(scope="module")
-def build_log():
-    jb = shutil.which("jupyter-book")
-    assert jb, "jupyter-book is not installed (it is in requirements.txt)"
-    cmd = [jb, "build", str(ROOT), "--all", "-W", "-n", "--keep-going"]  # --all: no stale pages
-    res = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
-    log = res.stdout + res.stderr
-    (ROOT / "_build").mkdir(exist_ok=True)
-    (ROOT / "_build" / "build.log").write_text(log)
-    assert res.returncode == 0, "book build failed:\n" + log[-6000:]
-    return log
+from conftest import HTML, ROOT
 
 
 def test_config_raises_on_errors():

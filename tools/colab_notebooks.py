@@ -88,6 +88,29 @@ def plain_markdown(text: str, chapter_dir: Path) -> str:
     return _LABEL.sub("", text).strip()
 
 
+def _blocks(text: str) -> list[str]:
+    """Markdown split into runs of paragraphs, so that only paragraphs with glued numbers become code cells
+    (and headings stay Markdown, in Colab's table of contents). Fenced code is never split."""
+    paragraphs, current, fenced = [], [], False
+    for line in text.splitlines():
+        if line.startswith("```"):
+            fenced = not fenced
+        if not line.strip() and not fenced and current:
+            paragraphs.append("\n".join(current))
+            current = []
+        elif line.strip() or current:
+            current.append(line)
+    if current:
+        paragraphs.append("\n".join(current))
+    runs: list[str] = []
+    for p in paragraphs:
+        if runs and ("{glue:" in p) == ("{glue:" in runs[-1]) and not p.startswith("#"):
+            runs[-1] += "\n\n" + p
+        else:
+            runs.append(p)
+    return runs
+
+
 def make_notebook(docname: str, source: str) -> nbformat.NotebookNode:
     from mixprec.notebook import fill
 
@@ -98,14 +121,12 @@ def make_notebook(docname: str, source: str) -> nbformat.NotebookNode:
         if cell.cell_type == "code":
             cells.append(nbformat.v4.new_code_cell(cell.source, metadata={k: v for k, v in cell.metadata.items() if k == "tags"}))
             continue
-        text = plain_markdown(cell.source, path.parent)
-        if not text:
-            continue
-        if "{glue:" in text:  # numbers computed above: fill them in when the cell runs
-            code = "#@title 正文\nfrom mixprec import notebook\nnotebook.markdown(" + json.dumps(text, ensure_ascii=False) + ")"
-            cells.append(nbformat.v4.new_code_cell(code, metadata={"cellView": "form"}))
-        else:
-            cells.append(nbformat.v4.new_markdown_cell(fill(text)))
+        for text in _blocks(plain_markdown(cell.source, path.parent)):
+            if "{glue:" in text:  # numbers computed above: fill them in when the cell runs
+                code = "#@title 正文\nfrom mixprec import notebook\nnotebook.markdown(" + json.dumps(text, ensure_ascii=False) + ")"
+                cells.append(nbformat.v4.new_code_cell(code, metadata={"cellView": "form"}))
+            else:
+                cells.append(nbformat.v4.new_markdown_cell(fill(text)))
     out = nbformat.v4.new_notebook(cells=cells)
     out.metadata = {
         "kernelspec": {"name": "python3", "display_name": "Python 3", "language": "python"},

@@ -1,0 +1,282 @@
+"""Checkers for the exercises: call one with your answer and read the feedback.
+
+Each checker returns a ``CheckResult``: it is truthy when the answer is right, prints as plain text,
+and shows as a coloured box in a notebook. Feedback names the first thing that is wrong and why,
+not just "wrong".
+"""
+
+from __future__ import annotations
+
+import html
+import math
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+
+from .formats import FloatFormat, get_format, round_to_format
+from .summation import running_sum
+
+
+@dataclass
+class CheckResult:
+    passed: bool
+    messages: list[str] = field(default_factory=list)
+
+    def __bool__(self) -> bool:
+        return self.passed
+
+    def __str__(self) -> str:
+        head = "✔ 正确" if self.passed else "✘ 还不对"
+        return "\n".join([head] + [f"- {m}" for m in self.messages])
+
+    def _repr_html_(self) -> str:
+        colour = "#e8f5e9" if self.passed else "#fdecea"
+        items = "".join(f"<li>{html.escape(m)}</li>" for m in self.messages)
+        head = "✔ 正确" if self.passed else "✘ 还不对"
+        return f'<div style="background:{colour};padding:6px 12px;border-radius:4px"><b>{head}</b><ul>{items}</ul></div>'
+
+
+def _close(a: float, b: float) -> bool:
+    return a == b or (math.isfinite(a) and math.isfinite(b) and math.isclose(a, b, rel_tol=1e-9))
+
+
+# --- exercise: derive a format's limits -----------------------------------------------------------
+
+def check_format_limits(fmt: str | FloatFormat, *, max: float, min_normal: float, min_subnormal: float, eps: float) -> CheckResult:
+    """Check the four numbers that describe a format's range and precision."""
+    f = get_format(fmt)
+    answers = {"max": max, "min_normal": min_normal, "min_subnormal": min_subnormal, "eps": eps}
+    truth = {"max": f.max, "min_normal": f.min_normal, "min_subnormal": f.min_subnormal, "eps": f.eps}
+    msgs = []
+    for key, value in answers.items():
+        try:
+            value = float(value)
+        except (TypeError, ValueError):
+            msgs.append(f"{key}: 需要一个数，收到的是 {value!r}")
+            continue
+        if _close(value, truth[key]):
+            msgs.append(f"{key} = {truth[key]:.6g} ✔")
+            continue
+        hint = f"{key}: 你的答案是 {value:.6g}，还不对。"
+        ieee_max = math.ldexp(2 - 2.0 ** -f.mantissa_bits, 2**f.exponent_bits - 2 - f.bias)
+        if key == "max" and f.special == "fn" and _close(value, ieee_max):
+            hint += f" 这是按 IEEE 规则（全 1 指数留给 inf/NaN）算的；{f.name} 没有 inf，全 1 指数也表示普通数，只有全 1 的码是 NaN。"
+        elif key == "max" and _close(value, math.ldexp(1.0, f.emax + 1)):
+            hint += " 2^(emax+1) 本身已经超出范围：最大值是 (2 - 2^-M) × 2^emax 这一类形式。"
+        elif key == "min_subnormal" and _close(value, f.min_normal):
+            hint += " 这是最小正规数；次正规数还能再往下走 M 位，最小的是 2^(emin - M)。"
+        elif key == "min_normal" and _close(value, math.ldexp(1.0, -f.bias)):
+            hint += " 指数字段全 0 留给零和次正规数，最小正规数的指数字段是 1，即 2^(1 - bias)。"
+        elif key == "eps" and _close(value, math.ldexp(1.0, -f.mantissa_bits - 1)):
+            hint += " 这是单位舍入（eps 的一半）；eps 是 1 与下一个可表示数之差，2^-M。"
+        msgs.append(hint)
+    return CheckResult(all("✔" in m for m in msgs), msgs)
+
+
+# --- exercise: implement round-to-nearest-even to FP16 ----------------------------------------------
+
+def _round_cases() -> list[tuple[str, list[float], str]]:
+    h = 2.0**-24  # fp16's smallest subnormal
+    return [
+        ("能精确表示的数", [1.0, -2.5, 65504.0, 0.5, 1024.0], "可表示的数应当原样返回"),
+        ("普通舍入", [0.1, 3.14159, -1234.567, 1e-3], "结果应是最近的 FP16 数"),
+        ("平局取偶（ties to even）", [1 + 2**-11, 1 + 3 * 2**-11, 2049.0, 2051.0],
+         "恰好在两个 FP16 数正中间时，应取尾数最后一位为 0 的那个"),
+        ("次正规数", [1e-7, 3e-6, -5e-8, 3 * h / 2, h / 2 * 1.5],
+         "小于 6.1e-5 的数不会直接变 0：FP16 还有间距为 2^-24 的次正规数"),
+        ("下溢为零", [h / 2, 1e-9, -1e-10], "小于等于 2^-25 的数舍入到 0（2^-25 恰为平局，取偶得 0），并保留符号"),
+        ("溢出", [65520.0, 1e5, -7e4, 65519.0], "不小于 65520 的数在 FP16 中变成 inf；65519 仍舍入到 65504"),
+        ("特殊值", [math.inf, -math.inf, math.nan, -0.0], "inf、NaN 与 -0 应原样保留"),
+    ]
+
+
+def check_round_to_fp16(fn: Callable[[torch.Tensor], torch.Tensor]) -> CheckResult:
+    """Check a function that rounds a float32 tensor to FP16's values (returned as float32)."""
+    msgs = []
+    for name, values, why in _round_cases():
+        x = torch.tensor(values, dtype=torch.float32)
+        want = round_to_format(x, "fp16")
+        try:
+            got = fn(x.clone())
+        except Exception as exc:  # the reader's code: report, don't crash the notebook
+            msgs.append(f"{name}：函数抛出了异常 {type(exc).__name__}: {exc}")
+            return CheckResult(False, msgs)
+        if not isinstance(got, torch.Tensor) or got.shape != x.shape:
+            msgs.append(f"{name}：应返回与输入同形状的张量，收到 {type(got).__name__} {getattr(got, 'shape', '')}")
+            return CheckResult(False, msgs)
+        got = got.float()
+        same = (got == want) & (torch.signbit(got) == torch.signbit(want)) | (torch.isnan(got) & torch.isnan(want))
+        if not bool(same.all()):
+            i = int((~same).nonzero()[0])
+            msgs.append(f"{name}：输入 {values[i]!r} 应得到 {want[i].item()!r}，你的函数给出 {got[i].item()!r}。{why}。")
+            return CheckResult(False, msgs)
+        msgs.append(f"{name} ✔")
+    return CheckResult(True, msgs)
+
+
+# --- exercise: Kahan summation --------------------------------------------------------------------
+
+def check_kahan_sum(fn: Callable[[torch.Tensor, torch.dtype], float]) -> CheckResult:
+    """Check ``fn(values, dtype) -> float``, a compensated sum with the accumulator in ``dtype``."""
+    g = torch.Generator().manual_seed(7)
+    values = torch.rand(4000, generator=g) * 1e-3 + 1e-4
+    exact = float(values.double().sum())
+    msgs = []
+    for dtype in (torch.bfloat16, torch.float16):
+        try:
+            got = float(fn(values, dtype))
+        except Exception as exc:
+            return CheckResult(False, [f"{dtype}: 函数抛出了异常 {type(exc).__name__}: {exc}"])
+        naive = float(running_sum(values, dtype, "naive")[-1])
+        reference = float(running_sum(values, dtype, "kahan")[-1])
+        rel = abs(got - exact) / exact
+        if _close(got, naive) and not _close(naive, reference):
+            msgs.append(f"{dtype}: 结果 {got:.6g} 与普通累加完全相同。补偿项没有起作用：c = (t - s) - y 要在同一精度下计算，并在下一步先从新加数里减掉。")
+        elif abs(got - reference) / exact > 0.01 and rel > 0.01:
+            msgs.append(f"{dtype}: 结果 {got:.6g}，而精确和是 {exact:.6g}（相对误差 {rel:.1%}）。Kahan 求和在该精度下应在 1% 以内。")
+        else:
+            msgs.append(f"{dtype}: {got:.6g}，相对误差 {rel:.2%}；普通累加是 {naive:.6g} ✔")
+    return CheckResult(all("✔" in m for m in msgs), msgs)
+
+
+# --- exercise: write a dynamic loss scaler ---------------------------------------------------------
+
+
+def check_loss_scaler(make_scaler: Callable[..., object]) -> CheckResult:
+    """Check a dynamic loss scaler against ``mixprec.scaling.DynamicLossScaler`` (itself bit-identical to GradScaler).
+
+    ``make_scaler(init_scale, growth_factor, backoff_factor, growth_interval)`` must return an object
+    with ``scale``, ``unscale_``, ``step``, ``update`` and ``get_scale``. Both scalers drive the same
+    small model through 400 steps with planted inf and NaN gradients; scales, skipped steps and the
+    final weights must agree.
+    """
+    from .scaling import DynamicLossScaler, scaler_trajectory
+
+    options = dict(init_scale=2.0**8, growth_factor=2.0, backoff_factor=0.5, growth_interval=20)
+    poison = {s: (math.nan if s % 2 else math.inf) for s in (7, 8, 60, 61, 62, 150, 333)}
+    try:
+        yours, your_model = scaler_trajectory(make_scaler(**options), 400, poison)
+    except Exception as error:  # the reader's code: report what broke, don't crash the notebook
+        return CheckResult(False, [f"运行出错：{type(error).__name__}: {error}"])
+    truth, true_model = scaler_trajectory(DynamicLossScaler(**options), 400, poison)
+    for step, ((your_scale, your_stepped), (scale, stepped)) in enumerate(zip(yours, truth)):
+        if your_scale != scale:
+            return CheckResult(False, [f"第 {step} 步的缩放因子是 {your_scale:g}，应为 {scale:g}（该步之前{'有' if step - 1 in poison else '没有'}溢出）"])
+        if your_stepped != stepped:
+            what = "跳过了更新" if stepped else "没有跳过更新"
+            return CheckResult(False, [f"第 {step} 步应该{what}：梯度{'含 inf/NaN' if step in poison else '全是有限值'}"])
+    if not all(torch.equal(a, b) for a, b in zip(your_model.parameters(), true_model.parameters())):
+        return CheckResult(False, ["缩放因子和跳步都对，但最终权重不同：检查 unscale_ 是否用 1/scale 乘梯度，且每步只做一次"])
+    grown = sum(1 for a, b in zip(truth, truth[1:]) if b[0] > a[0])
+    return CheckResult(True, [f"400 步中缩放因子、跳过的 {len(poison)} 步和最终权重都与参考实现一致（其间增长 {grown} 次）"])
+
+
+# --- exercise: count the bytes of mixed-precision training -----------------------------------------
+
+
+def check_memory(policy: str, n_params: int, *, weights: float, grads: float, optimizer: float) -> CheckResult:
+    """Check bytes of weights, gradients and AdamW state for ``n_params`` parameters under ``policy``."""
+    from .amp import BYTES_PER_PARAMETER, memory_breakdown
+
+    if policy not in BYTES_PER_PARAMETER:
+        return CheckResult(False, [f"没有 {policy!r} 的内存模型；可选：{', '.join(BYTES_PER_PARAMETER)}"])
+    truth = memory_breakdown(n_params, policy)
+    names = {"weights": "权重", "grads": "梯度", "optimizer": "优化器状态"}
+    msgs, ok = [], True
+    for key, value in {"weights": weights, "grads": grads, "optimizer": optimizer}.items():
+        if _close(float(value), truth[key]):
+            msgs.append(f"{names[key]}：{truth[key]:,.0f} 字节 ✔")
+        else:
+            ok = False
+            per = truth[key] / n_params if n_params else 0
+            msgs.append(f"{names[key]}：你的答案 {float(value):,.0f}，应为 {truth[key]:,.0f}（每个参数 {per:g} 字节）")
+    return CheckResult(ok, msgs)
+
+
+# --- exercise: the smallest update a low-precision weight notices -----------------------------------
+
+
+def smallest_visible_update(fmt: str | FloatFormat, w: float) -> float:
+    """The smallest power of two Δ with round(w + Δ) != w in ``fmt`` (round-to-nearest-even), by trying them all."""
+    f = get_format(fmt)
+    w = float(round_to_format(torch.tensor([w]), f))
+    for k in range(-160, 128):
+        delta = math.ldexp(1.0, k)
+        if float(round_to_format(torch.tensor([w + delta], dtype=torch.float64).float(), f)) != w:
+            return delta
+    raise ValueError(f"no power of two changes {w} in {f.name}")
+
+
+def check_smallest_update(fmt: str | FloatFormat, w: float, answer: float) -> CheckResult:
+    """Check the smallest power-of-two update Δ that changes the weight ``w`` stored in ``fmt``."""
+    f = get_format(fmt)
+    truth = smallest_visible_update(f, w)
+    if _close(float(answer), truth):
+        return CheckResult(True, [f"{f.name} 中 w = {w:g} 处，最小的可见更新是 2^{int(math.log2(truth))} = {truth:.6g} ✔"])
+    ulp = f.ulp(w)
+    parity = "w 的尾数末位是 0（偶数），平局会舍回 w" if truth == ulp else "w 的尾数末位是 1（奇数），平局会进位"
+    hint = "恰好半个 ULP 时是平局，就近舍入取偶数尾数，" + parity
+    return CheckResult(False, [f"你的答案 {float(answer):.6g}，应为 {truth:.6g}。w 处的 ULP 是 {ulp:.6g}；{hint}"])
+
+
+# --- exercise: diagnose and fix the clinic's mystery model ------------------------------------------
+
+
+def check_mystery_fix(norm_fn: Callable[..., torch.Tensor]) -> CheckResult:
+    """Check a fix for ``clinic``'s mystery model: ``norm_fn(x, weight, bias, eps)`` replaces its normalisation.
+
+    It must compute a LayerNorm (compared with ``F.layer_norm`` in FP32), stay finite in FP16 on the
+    model's inputs, and let the model learn its task in FP16 (``clinic.run_case("mystery", fixed=True)``).
+    """
+    from . import clinic
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(8, 12, 64, generator=g) + clinic.MYSTERY_OFFSET
+    weight, bias = torch.rand(64, generator=g) + 0.5, torch.randn(64, generator=g) * 0.1
+    try:
+        yours = norm_fn(x, weight, bias, 1e-5)
+        truth = torch.nn.functional.layer_norm(x, (64,), weight, bias, 1e-5)
+        if yours.shape != truth.shape or not torch.allclose(yours.float(), truth, atol=1e-3, rtol=1e-3):
+            return CheckResult(False, ["在 FP32 中，你的函数和 F.layer_norm 的结果不一致：它应当仍然是一个 LayerNorm"])
+        half = norm_fn(x.half(), weight.half(), bias.half(), 1e-5)
+        if not bool(torch.isfinite(half).all()):
+            return CheckResult(False, ["在 FP16 输入上它仍然产生 inf 或 NaN：看看方差是怎么算出来的"])
+        run = clinic.run_case("mystery", fixed=True, norm_fn=norm_fn)
+    except Exception as error:  # the reader's code: report what broke, don't crash the notebook
+        return CheckResult(False, [f"运行出错：{type(error).__name__}: {error}"])
+    if not run.trained:
+        where = f"；追踪器在第 {run.failure_step} 步发现：{run.first_failure}" if run.first_failure else ""
+        return CheckResult(False, [f"FP16 训练后留出准确率 {run.accuracy:.1%}，跳过了 {run.skipped_fraction:.0%} 的步{where}"])
+    rel = float((half.float() - truth).abs().max())
+    return CheckResult(True, [f"FP32 结果与 F.layer_norm 一致；FP16 中最大绝对误差 {rel:.2e}；"
+                              f"FP16 训练 {len(run.loss)} 步后留出准确率 {run.accuracy:.1%}，没有 inf 或 NaN"])
+
+
+# --- exercise: count generated tokens honestly ------------------------------------------------------
+
+
+def check_tokens_per_second(fn: Callable[[torch.Tensor, int, float], float]) -> CheckResult:
+    """Check ``fn(new_tokens, eos_token_id, seconds)``: tokens really generated per second.
+
+    Each row of ``new_tokens`` counts up to and including its first EOS; what follows is padding.
+    """
+    from .story.inference import count_generated
+
+    eos = 0
+    cases = [
+        ("没有 EOS", torch.tensor([[5, 6, 7, 8]]), 2.0),
+        ("中途生成 EOS，之后是填充", torch.tensor([[5, eos, eos, eos], [5, 6, 7, 8]]), 0.5),
+        ("第一个词元就是 EOS", torch.tensor([[eos, eos, eos], [4, eos, eos], [4, 4, eos]]), 1.0),
+        ("EOS 之后又出现普通词元（只算到第一个 EOS）", torch.tensor([[3, eos, 3, 3]]), 1.0),
+    ]
+    for name, block, seconds in cases:
+        truth = count_generated(block, eos) / seconds
+        try:
+            yours = float(fn(block.clone(), eos, seconds))
+        except Exception as error:  # the reader's code: report what broke, don't crash the notebook
+            return CheckResult(False, [f"{name}：运行出错：{type(error).__name__}: {error}"])
+        if not _close(yours, truth):
+            hint = "按请求的最大长度计算会高估提前结束的序列" if yours > truth else "EOS 本身也是生成的词元，要算进去"
+            return CheckResult(False, [f"{name}：你的结果 {yours:g}，应为 {truth:g}（{hint}）"])
+    return CheckResult(True, [f"{len(cases)} 种情况都正确：每个序列算到并包括它的第一个 EOS"])

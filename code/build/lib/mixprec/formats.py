@@ -1,0 +1,371 @@
+"""Floating-point formats as data, and exact emulation of any of them on float32.
+
+A binary floating-point format is fixed by three numbers and one convention:
+
+* ``exponent_bits`` (E) and ``mantissa_bits`` (M): the field widths; one sign bit comes on top;
+* ``bias``: stored exponent minus bias is the true exponent (IEEE: ``2**(E-1) - 1``);
+* ``special``: how the all-ones exponent field is used.
+  ``"ieee"`` reserves it for inf (mantissa 0) and NaN (anything else), like FP16 and E5M2.
+  ``"fn"`` ("finite, NaN") has no inf and gives up only the all-ones code to NaN, like E4M3FN,
+  which is how E4M3 reaches 448 instead of 240.
+
+Everything else (max, min normal, min subnormal, eps) follows from these, so it is computed here,
+never typed in.
+
+``round_to_format`` rounds float32 tensors to the values of a format, bit for bit like torch's own
+casts, with round-to-nearest-even or stochastic rounding. It is plain vectorised torch, so it
+emulates formats the hardware lacks (FP8 on a CPU, or a made-up E3M4) on any device.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from functools import cache
+from typing import Literal
+
+import torch
+
+Special = Literal["ieee", "fn"]
+Rounding = Literal["nearest", "stochastic"]
+Overflow = Literal["auto", "saturate", "nonfinite"]
+
+
+@dataclass(frozen=True)
+class FloatFormat:
+    """A binary floating-point format: 1 sign bit, ``exponent_bits``, ``mantissa_bits``."""
+
+    name: str
+    exponent_bits: int
+    mantissa_bits: int
+    bias: int
+    special: Special = "ieee"
+    torch_dtype: torch.dtype | None = None
+
+    def __post_init__(self) -> None:
+        if not 1 <= self.exponent_bits <= 11:
+            raise ValueError(f"{self.name}: exponent_bits must be in 1..11, got {self.exponent_bits}")
+        if not 0 <= self.mantissa_bits <= 52:
+            raise ValueError(f"{self.name}: mantissa_bits must be in 0..52, got {self.mantissa_bits}")
+        if self.special not in ("ieee", "fn"):
+            raise ValueError(f"{self.name}: special must be 'ieee' or 'fn', got {self.special!r}")
+        if self.special == "fn" and self.mantissa_bits == 0:
+            raise ValueError(f"{self.name}: an 'fn' format needs at least one mantissa bit")
+
+    # --- derived properties -------------------------------------------------------------
+    @property
+    def bits(self) -> int:
+        return 1 + self.exponent_bits + self.mantissa_bits
+
+    @property
+    def emin(self) -> int:
+        """True exponent of the smallest normal number."""
+        return 1 - self.bias
+
+    @property
+    def emax(self) -> int:
+        """True exponent of the largest finite number."""
+        top_field = 2**self.exponent_bits - 1
+        return (top_field - 1 if self.special == "ieee" else top_field) - self.bias
+
+    @property
+    def max(self) -> float:
+        m = self.mantissa_bits
+        # "fn" loses the all-ones mantissa of the top binade to NaN.
+        top_mantissa = 2**m - 1 if self.special == "ieee" else 2**m - 2
+        return math.ldexp(1 + top_mantissa / 2**m, self.emax)
+
+    @property
+    def min_normal(self) -> float:
+        return math.ldexp(1.0, self.emin)
+
+    @property
+    def min_subnormal(self) -> float:
+        return math.ldexp(1.0, self.emin - self.mantissa_bits)
+
+    @property
+    def eps(self) -> float:
+        """Gap between 1 and the next larger number: 2**-M."""
+        return math.ldexp(1.0, -self.mantissa_bits)
+
+    @property
+    def decimal_digits(self) -> float:
+        """Significant decimal digits, log10(2**(M+1))."""
+        return (self.mantissa_bits + 1) * math.log10(2)
+
+    @property
+    def has_inf(self) -> bool:
+        return self.special == "ieee"
+
+    @property
+    def bytes(self) -> float:
+        return self.bits / 8
+
+    def ulp(self, x: float) -> float:
+        """Spacing of representable numbers at |x| (the gap above |x|'s binade start)."""
+        a = abs(x)
+        e = self.emin if a < self.min_normal else math.frexp(a)[1] - 1
+        return math.ldexp(1.0, e - self.mantissa_bits)
+
+    def __repr__(self) -> str:
+        return f"FloatFormat({self.name}: E{self.exponent_bits}M{self.mantissa_bits}, bias={self.bias}, {self.special})"
+
+
+def custom_format(exponent_bits: int, mantissa_bits: int, special: Special = "ieee", bias: int | None = None) -> FloatFormat:
+    """Any ExMy format; the bias defaults to the IEEE choice 2**(E-1) - 1."""
+    if bias is None:
+        bias = 2 ** (exponent_bits - 1) - 1
+    suffix = "fn" if special == "fn" else ""
+    return FloatFormat(f"e{exponent_bits}m{mantissa_bits}{suffix}", exponent_bits, mantissa_bits, bias, special)
+
+
+FP64 = FloatFormat("fp64", 11, 52, 1023, "ieee", torch.float64)
+FP32 = FloatFormat("fp32", 8, 23, 127, "ieee", torch.float32)
+TF32 = FloatFormat("tf32", 8, 10, 127, "ieee", None)  # a compute mode, never a storage dtype
+FP16 = FloatFormat("fp16", 5, 10, 15, "ieee", torch.float16)
+BF16 = FloatFormat("bf16", 8, 7, 127, "ieee", torch.bfloat16)
+E4M3 = FloatFormat("e4m3fn", 4, 3, 7, "fn", torch.float8_e4m3fn)
+E5M2 = FloatFormat("e5m2", 5, 2, 15, "ieee", torch.float8_e5m2)
+
+FORMATS: dict[str, FloatFormat] = {f.name: f for f in (FP64, FP32, TF32, FP16, BF16, E4M3, E5M2)}
+_ALIASES = {
+    "float64": "fp64", "double": "fp64", "float32": "fp32", "float": "fp32", "float16": "fp16",
+    "half": "fp16", "bfloat16": "bf16", "e4m3": "e4m3fn", "fp8_e4m3": "e4m3fn", "float8_e4m3fn": "e4m3fn",
+    "fp8_e5m2": "e5m2", "float8_e5m2": "e5m2",
+}
+
+
+def get_format(fmt: str | FloatFormat | torch.dtype) -> FloatFormat:
+    """Look a format up by name (``"fp16"``, ``"e4m3fn"``, ``"e3m4"``...), torch dtype, or pass one through."""
+    if isinstance(fmt, FloatFormat):
+        return fmt
+    if isinstance(fmt, torch.dtype):
+        for f in FORMATS.values():
+            if f.torch_dtype == fmt:
+                return f
+        raise ValueError(f"no format for torch dtype {fmt}; known dtypes: {[str(f.torch_dtype) for f in FORMATS.values() if f.torch_dtype]}")
+    if not isinstance(fmt, str):
+        raise TypeError(f"expected a format name, FloatFormat or torch.dtype, got {type(fmt).__name__}")
+    key = _ALIASES.get(fmt.lower(), fmt.lower())
+    if key in FORMATS:
+        return FORMATS[key]
+    parts = key.removesuffix("fn")
+    if parts.startswith("e") and "m" in parts:
+        e, _, m = parts[1:].partition("m")
+        if e.isdigit() and m.isdigit():
+            return custom_format(int(e), int(m), "fn" if key.endswith("fn") else "ieee")
+    raise ValueError(f"unknown format {fmt!r}; use one of {sorted(FORMATS)} or 'eXmY' / 'eXmYfn' for a custom one")
+
+
+# --- bit patterns ---------------------------------------------------------------------------
+
+Kind = Literal["zero", "subnormal", "normal", "inf", "nan"]
+
+
+@dataclass(frozen=True)
+class Decoded:
+    """A bit pattern taken apart: the three fields, what they mean, and the value."""
+
+    sign: int
+    exponent_field: int
+    mantissa_field: int
+    kind: Kind
+    exponent: int | None  # true (unbiased) exponent; None for zero, inf and NaN
+    value: float
+
+    def bits(self, fmt: FloatFormat) -> str:
+        """The pattern as 'S EEEEE MMMMMMMMMM'."""
+        e = format(self.exponent_field, f"0{fmt.exponent_bits}b")
+        m = format(self.mantissa_field, f"0{fmt.mantissa_bits}b") if fmt.mantissa_bits else ""
+        return f"{self.sign} {e} {m}".rstrip()
+
+
+def decode(code: int, fmt: str | FloatFormat) -> Decoded:
+    """Split an integer bit pattern of ``fmt`` into sign, exponent and mantissa, and give its value."""
+    fmt = get_format(fmt)
+    if not isinstance(code, int) or not 0 <= code < 2**fmt.bits:
+        raise ValueError(f"{fmt.name} codes are integers in [0, 2**{fmt.bits}), got {code!r}")
+    E, M = fmt.exponent_bits, fmt.mantissa_bits
+    sign = code >> (E + M)
+    e_field = (code >> M) & (2**E - 1)
+    m_field = code & (2**M - 1)
+    s = -1.0 if sign else 1.0
+    top = 2**E - 1
+    if e_field == top and fmt.special == "ieee":
+        if m_field == 0:
+            return Decoded(sign, e_field, m_field, "inf", None, s * math.inf)
+        return Decoded(sign, e_field, m_field, "nan", None, math.nan)
+    if e_field == top and m_field == 2**M - 1:  # "fn": only the all-ones code is NaN
+        return Decoded(sign, e_field, m_field, "nan", None, math.nan)
+    if e_field == 0:
+        if m_field == 0:
+            return Decoded(sign, 0, 0, "zero", None, s * 0.0)
+        return Decoded(sign, 0, m_field, "subnormal", fmt.emin, s * math.ldexp(m_field, fmt.emin - M))
+    exponent = e_field - fmt.bias
+    return Decoded(sign, e_field, m_field, "normal", exponent, s * math.ldexp(2**M + m_field, exponent - M))
+
+
+def encode(value: float, fmt: str | FloatFormat) -> int:
+    """The bit pattern of ``value``, which must be exactly representable in ``fmt`` (round first)."""
+    fmt = get_format(fmt)
+    E, M = fmt.exponent_bits, fmt.mantissa_bits
+    sign = 1 if math.copysign(1.0, value) < 0 else 0
+    if math.isnan(value):  # the canonical NaN: all exponent and mantissa bits set
+        return (2 ** (E + M) - 1) if fmt.special == "fn" else (2**E - 1) << M | 1 << max(M - 1, 0)
+    a = abs(value)
+    if math.isinf(a):
+        if not fmt.has_inf:
+            raise ValueError(f"{fmt.name} has no infinity")
+        return sign << (E + M) | (2**E - 1) << M
+    if a == 0:
+        return sign << (E + M)
+    if a < fmt.min_normal:
+        e_field, scaled = 0, math.ldexp(a, M - fmt.emin)
+    else:
+        exponent = math.frexp(a)[1] - 1
+        e_field, scaled = exponent + fmt.bias, math.ldexp(a, M - exponent) - 2**M
+    if scaled != int(scaled) or a > fmt.max:
+        raise ValueError(f"{value!r} is not exactly representable in {fmt.name}; round it first")
+    return sign << (E + M) | e_field << M | int(scaled)
+
+
+def decode_all(fmt: str | FloatFormat) -> torch.Tensor:
+    """Values of all 2**bits codes of a format of at most 16 bits, as float64, by code (vectorised)."""
+    fmt = get_format(fmt)
+    if fmt.bits > 16:
+        raise ValueError(f"decode_all enumerates formats of at most 16 bits; {fmt.name} has {fmt.bits}")
+    E, M = fmt.exponent_bits, fmt.mantissa_bits
+    code = torch.arange(2**fmt.bits, dtype=torch.int64)
+    sign = torch.where((code >> (E + M)) == 1, -1.0, 1.0).double()
+    e_field = (code >> M) & (2**E - 1)
+    m_field = (code & (2**M - 1)).double()
+    exponent = torch.clamp(e_field, min=1) - fmt.bias
+    significand = torch.where(e_field == 0, m_field, m_field + 2**M)
+    value = sign * torch.ldexp(significand, (exponent - M).double())
+    top = e_field == 2**E - 1
+    if fmt.special == "ieee":
+        value = torch.where(top & (m_field == 0), sign * math.inf, value)
+        value = torch.where(top & (m_field != 0), math.nan, value)
+    else:
+        value = torch.where(top & (m_field == 2**M - 1), math.nan, value)
+    return value
+
+
+# --- rounding ---------------------------------------------------------------------------------
+
+@cache
+def torch_overflow_convention(fmt: FloatFormat, device_type: str = "cpu") -> Literal["saturate", "nonfinite"]:
+    """What the installed torch's own cast to ``fmt`` does with a too-large finite value, found by trying it."""
+    if fmt.torch_dtype is None:
+        return "nonfinite"
+    probe = torch.tensor([2 * fmt.max], dtype=torch.float32, device=device_type)
+    return "saturate" if torch.isfinite(probe.to(fmt.torch_dtype).float()).item() else "nonfinite"
+
+
+_ABS_MASK = 0x7FFFFFFF
+_EXP_MASK = 0x7F800000
+_CHUNK = 2**17
+
+
+def round_to_format(
+    x: torch.Tensor,
+    fmt: str | FloatFormat,
+    rounding: Rounding = "nearest",
+    generator: torch.Generator | None = None,
+    overflow: Overflow = "auto",
+) -> torch.Tensor:
+    """Round ``x`` to the nearest values of ``fmt``; returns float32 values exactly representable in ``fmt``.
+
+    rounding: ``"nearest"`` is IEEE round-to-nearest, ties to even. ``"stochastic"`` rounds up with
+        probability equal to the distance from the lower neighbour (in ULPs), so it is unbiased.
+    overflow: what happens to finite values beyond ``fmt.max`` and to infinities.
+        ``"saturate"`` clamps to ±max. ``"nonfinite"`` gives ±inf, or NaN in a format without inf.
+        ``"auto"`` (default) does what the installed torch's cast ``x.to(fmt.torch_dtype)`` does on
+        x's device (checked once by trying it; torch 2.13 saturates E4M3FN, even from inf);
+        for formats without a torch dtype it means ``"nonfinite"``.
+    NaN stays NaN, the sign of zero is kept, and subnormals are produced, not flushed.
+    """
+    fmt = get_format(fmt)
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
+    if x.dtype not in (torch.float32, torch.float16, torch.bfloat16):
+        raise TypeError(
+            f"round_to_format works on float32 (float16/bfloat16 are widened exactly); got {x.dtype}. "
+            "Convert with x.float() first, knowing that this rounds once to float32."
+        )
+    if rounding not in ("nearest", "stochastic"):
+        raise ValueError(f"rounding must be 'nearest' or 'stochastic', got {rounding!r}")
+    if overflow not in ("auto", "saturate", "nonfinite"):
+        raise ValueError(f"overflow must be 'auto', 'saturate' or 'nonfinite', got {overflow!r}")
+    x = x.detach().float().contiguous()  # values only: rounding has no useful gradient
+    if fmt.mantissa_bits >= 23 and fmt.emin <= FP32.emin and fmt.emax >= FP32.emax:
+        return x.clone()  # every float32 is already representable (fp32, fp64)
+    if fmt.emin < FP32.emin or fmt.emax > FP32.emax:
+        raise ValueError(f"{fmt.name}: round_to_format emulates formats whose exponent range fits in float32 (E <= 8)")
+    if overflow == "auto":
+        overflow = torch_overflow_convention(fmt, x.device.type)
+
+    flat, out = x.view(-1), torch.empty_like(x).view(-1)
+    # On CPU, work through cache-sized pieces and reuse two scratch buffers: several times faster
+    # than whole-tensor passes, which allocate (and page-fault) a fresh buffer for every step.
+    chunk = min(_CHUNK if x.device.type == "cpu" else flat.numel(), max(flat.numel(), 1))
+    scratch_float = torch.empty(chunk, device=x.device)
+    scratch_int = torch.empty(chunk, dtype=torch.int32, device=x.device)
+    round_magnitude = _round_magnitude_same_exponent if fmt.exponent_bits == 8 else _round_magnitude_narrow_exponent
+    for start in range(0, flat.numel(), chunk):
+        xs, o = flat[start : start + chunk], out[start : start + chunk]
+        n = xs.numel()
+        round_magnitude(xs, o, fmt, rounding, generator, scratch_float[:n], scratch_int[:n])
+        if overflow == "saturate":
+            o.clamp_(max=fmt.max)  # NaN stays NaN
+        else:
+            o.masked_fill_(o > fmt.max, math.inf if fmt.has_inf else math.nan)
+        torch.copysign(o, xs, out=o)
+    return out.view(x.shape)
+
+
+def _round_magnitude_same_exponent(x, out, fmt: FloatFormat, rounding: Rounding, generator, scratch_float, scratch_int) -> None:
+    """out = |x| rounded to M mantissa bits, for formats with float32's exponent (bf16, tf32).
+
+    Their grid is float32's grid with the low 23 - M mantissa bits cleared, subnormals included,
+    so we round the bit pattern: add half an ULP (or random bits) and truncate. A carry out of the
+    mantissa moves into the exponent, which is exactly what rounding up across a binade means.
+    """
+    shift = 23 - fmt.mantissa_bits
+    low = (1 << shift) - 1
+    a = torch.bitwise_and(x.view(torch.int32), _ABS_MASK, out=scratch_int)  # bits of |x|
+    r = out.view(torch.int32)
+    if rounding == "nearest":
+        torch.bitwise_right_shift(a, shift, out=r)
+        r &= 1  # the last kept bit: a tie goes to the even neighbour
+        r += low >> 1
+    else:
+        torch.randint(0, low + 1, r.shape, generator=generator, out=r)
+    r += a
+    r &= ~low
+    torch.where(a > _EXP_MASK, a, r, out=r)  # NaN in, NaN out (its payload could round to inf)
+
+
+def _round_magnitude_narrow_exponent(x, out, fmt: FloatFormat, rounding: Rounding, generator, scratch_float, scratch_int) -> None:
+    """out = |x| rounded to the grid of a format with fewer exponent bits than float32 (fp16, fp8).
+
+    At |x| in [2**e, 2**(e+1)) the grid step is q = 2**(e - M); below the smallest normal
+    2**emin it stays 2**(emin - M), which is what makes subnormals evenly spaced.
+    """
+    a = torch.abs(x, out=scratch_float)
+    # exponent field of |x|, clamped to the format's normal range, as float32 bits
+    e_bits = torch.bitwise_and(a.view(torch.int32), _EXP_MASK, out=scratch_int)
+    e_bits.clamp_(min=(fmt.emin + 127) << 23, max=(fmt.emax + 127) << 23)
+    if rounding == "nearest":
+        # c = 2**(e + 23 - M) has a float32 ULP of exactly q, so a + c is rounded to the grid by the
+        # FPU itself, ties to even; subtracting c again is exact. NaN and inf pass through.
+        e_bits += (23 - fmt.mantissa_bits) << 23
+        c = e_bits.view(torch.float32)
+        torch.add(a, c, out=out).sub_(c)
+        return
+    e_bits -= fmt.mantissa_bits << 23
+    q = e_bits.view(torch.float32)
+    scaled = a / q  # exact: q is a power of two
+    floor = torch.floor(scaled)
+    u = torch.rand(a.shape, generator=generator, device=a.device)
+    torch.mul(floor.add_((u < scaled - floor).float()), q, out=out)

@@ -1,0 +1,83 @@
+// Loss-scale explorer: shift a recorded gradient histogram by a power-of-two loss scale and see
+// how much of it FP16 flushes to zero, stores as subnormals, stores fully, or overflows.
+// Self-contained (no network, no kernel). mixprec/widgets.py inlines it; tests/test_widgets.py
+// runs it in node and checks it against mixprec.scaling.zone_fractions.
+//
+// data = {lo, width, counts: [...], zeros, total, fmt: {flushBelow, minNormal, overflowAt}} where
+// counts[i] is the number of nonzero |g| with log2|g| in [lo + i*width, lo + (i+1)*width), and the
+// format thresholds are log2 values: |x| < 2**flushBelow rounds to zero, below 2**minNormal is
+// subnormal, at or above 2**overflowAt overflows.
+
+var MixprecScale = (function () {
+  function zones(data, log2scale) {
+    var out = { zero: data.zeros, flushed: 0, subnormal: 0, normal: 0, overflow: 0 };
+    for (var i = 0; i < data.counts.length; i++) {
+      var c = data.counts[i];
+      if (!c) continue;
+      var lo = data.lo + i * data.width + log2scale; // bin start after scaling; bins are aligned to the thresholds
+      if (lo < data.fmt.flushBelow) out.flushed += c;
+      else if (lo < data.fmt.minNormal) out.subnormal += c;
+      else if (lo < data.fmt.overflowAt) out.normal += c;
+      else out.overflow += c;
+    }
+    for (var k in out) out[k] = out[k] / data.total;
+    return out;
+  }
+
+  var COLORS = { flushed: "#c0392b", subnormal: "#e67e22", normal: "#2e8b3a", overflow: "#7d3c98" };
+  var NAMES = { zero: "本来就是 0", flushed: "下溢为 0", subnormal: "次正规数（丢位）", normal: "正规数", overflow: "上溢（inf/NaN）" };
+
+  function svg(data, log2scale) {
+    var W = 640, H = 170, pad = 30;
+    var xmin = -48, xmax = 24;
+    var sx = function (v) { return pad + ((v - xmin) / (xmax - xmin)) * (W - 2 * pad); };
+    var peak = Math.max.apply(null, data.counts.concat([1]));
+    var parts = ['<svg viewBox="0 0 ' + W + " " + H + '" width="100%" style="max-width:' + W + 'px">'];
+    var bands = [
+      [xmin, data.fmt.flushBelow, "flushed"],
+      [data.fmt.flushBelow, data.fmt.minNormal, "subnormal"],
+      [data.fmt.minNormal, data.fmt.overflowAt, "normal"],
+      [data.fmt.overflowAt, xmax, "overflow"],
+    ];
+    bands.forEach(function (b) {
+      parts.push('<rect x="' + sx(b[0]) + '" y="10" width="' + (sx(b[1]) - sx(b[0])) + '" height="' + (H - 40) +
+        '" fill="' + COLORS[b[2]] + '" opacity="0.12"></rect>');
+    });
+    for (var i = 0; i < data.counts.length; i++) {
+      var x0 = data.lo + i * data.width + log2scale;
+      if (!data.counts[i] || x0 < xmin || x0 >= xmax) continue;
+      var h = (data.counts[i] / peak) * (H - 45);
+      parts.push('<rect x="' + sx(x0) + '" y="' + (H - 30 - h) + '" width="' + Math.max(1, sx(x0 + data.width) - sx(x0) - 0.5) +
+        '" height="' + h + '" fill="#34495e"></rect>');
+    }
+    for (var t = xmin; t <= xmax; t += 8) {
+      parts.push('<text x="' + sx(t) + '" y="' + (H - 12) + '" font-size="11" text-anchor="middle">2^' + t + "</text>");
+    }
+    parts.push("</svg>");
+    return parts.join("");
+  }
+
+  function mount(root, data, initial) {
+    var slider = root.querySelector("input");
+    var label = root.querySelector(".ms-scale");
+    var plot = root.querySelector(".ms-plot");
+    var body = root.querySelector("tbody");
+    function render() {
+      var k = parseInt(slider.value, 10);
+      label.textContent = "2^" + k + " = " + Math.pow(2, k).toLocaleString("en-US");
+      plot.innerHTML = svg(data, k);
+      var z = zones(data, k);
+      body.innerHTML = Object.keys(NAMES).map(function (name) {
+        var swatch = COLORS[name] ? '<span style="color:' + COLORS[name] + '">■</span> ' : "";
+        return "<tr><td>" + swatch + NAMES[name] + "</td><td>" + (100 * z[name]).toFixed(2) + "%</td></tr>";
+      }).join("");
+    }
+    slider.value = String(initial);
+    slider.addEventListener("input", render);
+    render();
+  }
+
+  return { zones: zones, mount: mount };
+})();
+
+if (typeof module !== "undefined") module.exports = MixprecScale;

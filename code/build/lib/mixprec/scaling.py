@@ -1,0 +1,185 @@
+"""Loss scaling, written out: static and dynamic scalers with ``torch.amp.GradScaler``'s interface.
+
+A training step with a scaler reads the same whichever scaler it is:
+
+    scaler.scale(loss).backward()   # gradients come out multiplied by the scale
+    scaler.unscale_(optimizer)      # divide them back (once per step), note any inf/NaN
+    clip_grad_norm_(...)            # optional, on the true gradients
+    scaler.step(optimizer)          # skip the update if any gradient was inf or NaN
+    scaler.update()                 # adjust the scale (the dynamic scaler only)
+
+The dynamic rule is GradScaler's: after an overflow, multiply the scale by ``backoff_factor`` and
+start counting again; after ``growth_interval`` clean steps in a row, multiply it by
+``growth_factor``. Scales are float32, like GradScaler's, so the two agree bit for bit.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from .formats import FloatFormat, get_format, round_to_format
+
+
+class StaticLossScaler:
+    """A fixed loss scale. Steps with an inf or NaN gradient are still skipped; the scale never changes."""
+
+    def __init__(self, scale: float = 2.0**16):
+        if not (math.isfinite(scale) and scale > 0):
+            raise ValueError(f"scale must be a positive finite number, got {scale}")
+        self._scale = torch.tensor(scale, dtype=torch.float32)
+        self._unscaled: dict[int, bool] = {}  # optimizer id -> found inf/NaN during unscale_
+
+    # --- the GradScaler interface -----------------------------------------------------------
+    def scale(self, outputs):
+        """``outputs`` (a tensor, or an iterable of tensors) times the current scale."""
+        if isinstance(outputs, torch.Tensor):
+            return outputs * self._scale.to(outputs.device)
+        return type(outputs)(self.scale(o) for o in outputs)
+
+    def unscale_(self, optimizer: torch.optim.Optimizer) -> None:
+        """Divide ``optimizer``'s gradients by the scale, in place, and remember whether any was inf or NaN."""
+        if id(optimizer) in self._unscaled:
+            raise RuntimeError("unscale_() has already been called on this optimizer since the last update()")
+        inv_scale = self._scale.double().reciprocal().float()  # as GradScaler computes it
+        found_inf = False
+        for group in optimizer.param_groups:
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                if not torch.isfinite(p.grad).all():
+                    found_inf = True
+                p.grad.mul_(inv_scale.to(p.grad.device))
+        self._unscaled[id(optimizer)] = found_inf
+
+    def step(self, optimizer: torch.optim.Optimizer, *args, **kwargs):
+        """``optimizer.step()`` unless an inf or NaN gradient was found; unscales first if not done yet."""
+        if id(optimizer) not in self._unscaled:
+            self.unscale_(optimizer)
+        if self._unscaled[id(optimizer)]:
+            return None
+        return optimizer.step(*args, **kwargs)
+
+    def update(self) -> None:
+        """End the step: adjust the scale (if dynamic) from whether any optimizer found inf/NaN."""
+        found_inf = any(self._unscaled.values())
+        self._unscaled.clear()
+        self._update_scale(found_inf)
+
+    def get_scale(self) -> float:
+        return float(self._scale)
+
+    def state_dict(self) -> dict:
+        return {"scale": self.get_scale()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self._scale.fill_(state["scale"])
+
+    # --- what differs between scalers -----------------------------------------------------------
+    def _update_scale(self, found_inf: bool) -> None:
+        pass
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(scale={self.get_scale():g})"
+
+
+class DynamicLossScaler(StaticLossScaler):
+    """GradScaler's dynamic rule (see the module docstring), optionally never going below ``min_scale``."""
+
+    def __init__(self, init_scale: float = 2.0**16, growth_factor: float = 2.0, backoff_factor: float = 0.5, growth_interval: int = 2000,
+                 min_scale: float | None = None):
+        super().__init__(init_scale)
+        if growth_factor <= 1.0:
+            raise ValueError(f"growth_factor must be > 1, got {growth_factor}")
+        if not 0.0 < backoff_factor < 1.0:
+            raise ValueError(f"backoff_factor must be in (0, 1), got {backoff_factor}")
+        if not isinstance(growth_interval, int) or growth_interval < 1:
+            raise ValueError(f"growth_interval must be a positive integer, got {growth_interval}")
+        if min_scale is not None and not 0 < min_scale <= init_scale:
+            raise ValueError(f"min_scale must be in (0, init_scale], got {min_scale}")
+        self.growth_factor, self.backoff_factor, self.growth_interval = growth_factor, backoff_factor, growth_interval
+        self.min_scale = min_scale
+        self._growth_tracker = 0  # clean steps since the last change
+
+    def _update_scale(self, found_inf: bool) -> None:
+        if found_inf:
+            new = self._scale * self.backoff_factor  # float32 arithmetic, like GradScaler
+            if self.min_scale is not None:
+                new = torch.clamp(new, min=self.min_scale)
+            self._scale.copy_(new)
+            self._growth_tracker = 0
+            return
+        self._growth_tracker += 1
+        if self._growth_tracker == self.growth_interval:
+            new = self._scale * self.growth_factor
+            if torch.isfinite(new):
+                self._scale.copy_(new)
+            self._growth_tracker = 0
+
+    def state_dict(self) -> dict:
+        return {"scale": self.get_scale(), "growth_factor": self.growth_factor, "backoff_factor": self.backoff_factor,
+                "growth_interval": self.growth_interval, "_growth_tracker": self._growth_tracker, "min_scale": self.min_scale}
+
+    def load_state_dict(self, state: dict) -> None:
+        super().load_state_dict(state)
+        self.growth_factor, self.backoff_factor = state["growth_factor"], state["backoff_factor"]
+        self.growth_interval, self._growth_tracker = state["growth_interval"], state["_growth_tracker"]
+        self.min_scale = state.get("min_scale")
+
+
+# --- where gradients land in a format, before and after scaling ------------------------------------
+
+ZONES = ("zero", "flushed", "subnormal", "normal", "overflow")
+
+
+def zone_fractions(values: torch.Tensor, scale: float = 1.0, fmt: str | FloatFormat = "fp16") -> dict[str, float]:
+    """Fractions of ``values * scale`` that the format stores as what.
+
+    ``zero``: the value was exactly zero to begin with. ``flushed``: nonzero, but rounds to zero.
+    ``subnormal``: stored with fewer significant bits than a normal number. ``normal``: stored with
+    full precision. ``overflow``: beyond the largest finite value (inf, NaN, or clamped, depending
+    on the format and the cast). Computed by rounding every value, so the boundaries are exact.
+    """
+    fmt = get_format(fmt)
+    x = values.detach().float().flatten() * scale
+    rounded = round_to_format(x, fmt, overflow="nonfinite").abs()
+    n = max(x.numel(), 1)
+    zero = x == 0
+    counts = {
+        "zero": zero.sum(),
+        "flushed": ((rounded == 0) & ~zero).sum(),
+        "subnormal": ((rounded > 0) & (rounded < fmt.min_normal)).sum(),
+        "normal": ((rounded >= fmt.min_normal) & (rounded <= fmt.max)).sum(),
+        "overflow": (~torch.isfinite(rounded)).sum(),
+    }
+    return {k: int(v) / n for k, v in counts.items()}
+
+
+def scaler_trajectory(scaler, steps: int = 300, poison: dict[int, float] | None = None, seed: int = 0) -> tuple[list[tuple[float, bool]], torch.nn.Module]:
+    """Drive ``scaler`` through ``steps`` steps of training a small fixed model; returns ``[(scale, stepped), ...]`` and the model.
+
+    ``poison`` maps step numbers to a value (inf or NaN) planted in one gradient at that step, as an
+    overflow would. Two scalers that behave alike give equal trajectories and bit-identical models.
+    """
+    generator = torch.Generator().manual_seed(seed)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = torch.nn.Sequential(torch.nn.Linear(6, 16), torch.nn.Tanh(), torch.nn.Linear(16, 1))
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    log = []
+    for step in range(steps):
+        x = torch.randn(8, 6, generator=generator)
+        loss = model(x).pow(2).mean()
+        scaler.scale(loss).backward()
+        if poison and step in poison:
+            model[0].weight.grad[0, 0] = poison[step]
+        before = [p.detach().clone() for p in model.parameters()]
+        scaler.unscale_(optimizer)
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        scaler.step(optimizer)
+        scale = scaler.get_scale()
+        scaler.update()
+        log.append((scale, any(not torch.equal(b, p) for b, p in zip(before, model.parameters()))))
+        optimizer.zero_grad(set_to_none=True)
+    return log, model

@@ -1,0 +1,266 @@
+"""The training loop, the same for every precision policy.
+
+One step, in the order that matters for mixed precision:
+
+1. forward and loss under the policy's context (autocast, TF32, emulation); the loss itself is
+   computed in FP32 from the logits;
+2. backward of the scaled loss (scaled only when there is a loss scaler);
+3. unscale the gradients *before* clipping, so the clipping threshold means what it says;
+4. the scaler's step skips the update when a gradient is inf or NaN, and its update adjusts the scale;
+5. the learning-rate schedule advances only when the optimizer really stepped: a skipped step
+   must not eat into the warm-up or the cosine decay.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field, replace
+
+import torch
+import torch.nn.functional as F
+
+from .. import hw
+from ..amp import MasterWeights, Policy, get_policy
+from ..fp8 import convert_to_fp8
+from ..optim import BF16AdamW
+from .data import TokenData
+
+
+@dataclass
+class TrainHistory:
+    """Everything a training run measured, one entry per step (and per evaluation)."""
+
+    precision: str
+    device: str
+    parameters: int
+    tokens_per_step: int
+    step: list[int] = field(default_factory=list)
+    loss: list[float] = field(default_factory=list)
+    grad_norm: list[float] = field(default_factory=list)  # before clipping, after unscaling
+    loss_scale: list[float | None] = field(default_factory=list)
+    skipped: list[bool] = field(default_factory=list)
+    lr: list[float] = field(default_factory=list)
+    step_time: list[float] = field(default_factory=list)  # seconds
+    tokens_per_s: list[float] = field(default_factory=list)
+    peak_memory: list[int | None] = field(default_factory=list)  # bytes, GPU only
+    mfu: list[float | None] = field(default_factory=list)  # model FLOPs utilisation, GPU only
+    val_step: list[int] = field(default_factory=list)
+    val_loss: list[float] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def final_val_loss(self) -> float | None:
+        return self.val_loss[-1] if self.val_loss else None
+
+    def median_tokens_per_s(self, skip_first: int = 2) -> float:
+        """Median throughput, leaving out the first steps (warm-up, compilation)."""
+        rates = self.tokens_per_s[skip_first:] or self.tokens_per_s
+        return sorted(rates)[len(rates) // 2]
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+def warmup_cosine(warmup: int, total: int, min_ratio: float = 0.1) -> Callable[[int], float]:
+    """LR multiplier: linear warm-up over ``warmup`` updates, then cosine decay to ``min_ratio`` at ``total``."""
+
+    def factor(update: int) -> float:
+        if update < warmup:
+            return (update + 1) / warmup
+        progress = min(1.0, (update - warmup) / max(1, total - warmup))
+        return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+    return factor
+
+
+def flops_per_token(model: torch.nn.Module, block_size: int) -> float:
+    """Training FLOPs per token: 6 per matmul parameter plus attention, 12·layers·block·width (PaLM, appendix B).
+
+    Position embeddings are looked up, not multiplied, so they are left out; the token embedding
+    counts, because the tied output layer multiplies by it.
+    """
+    config = model.config
+    matmul_params = sum(p.numel() for p in model.parameters()) - model.transformer.wpe.weight.numel()
+    return 6 * matmul_params + 12 * config.n_layer * block_size * config.n_embd
+
+
+def cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Mean next-token loss, computed in FP32 whatever the logits' dtype."""
+    return F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), targets.reshape(-1))
+
+
+@torch.no_grad()
+def evaluate(model: torch.nn.Module, batches, policy: Policy | str = "fp32", device: torch.device | str | None = None) -> float:
+    """Mean loss over ``batches`` (from ``TokenData.eval_windows``), run under the policy's compute context."""
+    policy = get_policy(policy)
+    device = torch.device(device) if device is not None else next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    total, count = 0.0, 0
+    for x, y in batches:
+        with policy.compute(device):
+            loss = cross_entropy(model(x.to(device)).logits, y.to(device))
+        total += loss.item() * y.numel()
+        count += y.numel()
+    model.train(was_training)
+    return total / count
+
+
+def train(
+    model: torch.nn.Module,
+    data: TokenData,
+    precision: str | Policy = "fp32",
+    steps: int = 300,
+    batch_size: int = 16,
+    block_size: int = 128,
+    lr: float = 1e-2,
+    warmup: int | None = None,
+    min_lr_ratio: float = 0.1,
+    weight_decay: float = 0.0,
+    clip: float = 1.0,
+    seed: int = 0,
+    scaler=None,
+    eval_every: int | None = None,
+    eval_batches: int = 8,
+    device: str | torch.device | None = None,
+    compile: bool = False,
+    progress: bool = True,
+    after_backward: Callable[[int, torch.nn.Module], None] | None = None,
+) -> TrainHistory:
+    """Train ``model`` in place on ``data`` under a precision policy; returns the ``TrainHistory``.
+
+    precision: a name from ``mixprec.amp.POLICY_NAMES``, e.g. ``"bf16-amp"`` or ``"emulate:fp16"``.
+        ``bf16-pure`` and ``*-master`` convert the model's weights to low precision, ``emulate:*``
+        rounds them, and ``fp8`` replaces its linear layers: pass a copy if you need the original.
+    scaler: a loss scaler with the ``torch.amp.GradScaler`` interface (scale, unscale_, step, update,
+        get_scale). None: the policy's default (a GradScaler for ``fp16-amp``, none otherwise).
+        False: no scaling, even for ``fp16-amp``.
+    lr, weight_decay: the defaults suit the ``tiny`` size; ``story.SIZES[size]`` has settings for the others.
+    eval_every: evaluate on the validation windows every this many steps (and always at the end).
+    after_backward: called as ``after_backward(step, model)`` between backward and unscaling; a hook
+        for experiments, e.g. planting an inf in a gradient.
+    """
+    policy = get_policy(precision)
+    if steps < 1 or batch_size < 1 or block_size < 2:
+        raise ValueError(f"need steps >= 1, batch_size >= 1 and block_size >= 2; got {steps}, {batch_size}, {block_size}")
+    if block_size > model.config.n_positions:
+        raise ValueError(f"block_size {block_size} exceeds the model's n_positions {model.config.n_positions}")
+    device = torch.device(device) if device is not None else torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    torch.manual_seed(seed)
+    model.to(device).train()
+    history = TrainHistory(policy.name, hw.device_info(device).name, sum(p.numel() for p in model.parameters()), batch_size * block_size)
+
+    master = None
+    if policy.fp8:
+        how = convert_to_fp8(model, device)
+        history.notes.append(f"fp8 linears: {how}")
+        if how.startswith("native"):
+            policy = replace(policy, autocast_dtype=torch.bfloat16)
+    if policy.tf32 and device.type != "cuda":
+        history.notes.append("tf32 has no effect on a CPU: this run is plain fp32")
+    if policy.master_weights:
+        master = MasterWeights(model, policy.emulate or policy.param_dtype)
+        optimizer = torch.optim.AdamW(master.master, lr=lr, betas=(0.9, 0.95), weight_decay=weight_decay)
+    elif policy.param_dtype == torch.bfloat16:
+        model.to(torch.bfloat16)
+        optimizer = BF16AdamW(model.parameters(), lr=lr, betas=(0.9, 0.95), weight_decay=weight_decay, rounding=policy.update_rounding, seed=seed)
+    else:
+        optimizer = torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.95), weight_decay=weight_decay)
+    optimized = [p for group in optimizer.param_groups for p in group["params"]]
+    warmup = max(1, steps // 10) if warmup is None else warmup
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(warmup, steps, min_lr_ratio))
+    if scaler is None:
+        scaler = torch.amp.GradScaler(device.type) if policy.uses_scaler else None
+    elif scaler is False:
+        scaler = None
+    forward = torch.compile(model) if compile else model
+
+    peak = hw.peak_tflops(history.device, "fp8" if policy.fp8 else _peak_dtype(policy)) if device.type == "cuda" else None
+    flops = flops_per_token(model, block_size)
+    generator = torch.Generator().manual_seed(seed)
+    eval_set = data.eval_windows(batch_size, block_size, eval_batches)
+    bar = _progress(steps, policy.name) if progress else None
+    for step in range(steps):
+        x, y = (t.to(device, non_blocking=True) for t in data.batch(batch_size, block_size, generator))
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+            torch.cuda.reset_peak_memory_stats(device)
+        start = time.perf_counter()
+        with policy.compute(device):
+            loss = cross_entropy(forward(x).logits, y)
+            (scaler.scale(loss) if scaler else loss).backward()
+        if after_backward is not None:
+            after_backward(step, model)
+        if master is not None:
+            master.grads_to_master()
+        if scaler:
+            scaler.unscale_(optimizer)
+        grad_norm = torch.nn.utils.clip_grad_norm_(optimized, clip).item()
+        scale = scaler.get_scale() if scaler else None
+        skipped = scaler is not None and not math.isfinite(grad_norm)
+        if scaler:
+            scaler.step(optimizer)
+            scaler.update()
+        else:
+            optimizer.step()
+        current_lr = optimizer.param_groups[0]["lr"]
+        if not skipped:
+            schedule.step()
+        optimizer.zero_grad(set_to_none=True)
+        if master is not None:
+            master.to_working()
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        elapsed = time.perf_counter() - start
+
+        history.step.append(step)
+        history.loss.append(loss.item())
+        history.grad_norm.append(grad_norm)
+        history.loss_scale.append(scale)
+        history.skipped.append(skipped)
+        history.lr.append(current_lr)
+        history.step_time.append(elapsed)
+        history.tokens_per_s.append(history.tokens_per_step / elapsed)
+        history.peak_memory.append(torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None)
+        history.mfu.append(flops * history.tokens_per_s[-1] / (peak * 1e12) if peak else None)
+        if (eval_every and (step + 1) % eval_every == 0) or step == steps - 1:
+            history.val_step.append(step)
+            history.val_loss.append(evaluate(model, eval_set, policy, device))
+        if bar is not None:
+            bar.update(1)
+            bar.set_postfix(loss=f"{history.loss[-1]:.3f}", refresh=False)
+    if bar is not None:
+        bar.close()
+    return history
+
+
+def _peak_dtype(policy: Policy) -> str:
+    if policy.autocast_dtype is not None or policy.param_dtype != torch.float32:
+        return "fp16" if policy.autocast_dtype == torch.float16 else "bf16"
+    return "tf32" if policy.tf32 else "fp32"
+
+
+def _progress(total: int, label: str):
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, desc=label, leave=False)
+
+
+def gradient_sample(model: torch.nn.Module, data: TokenData, batches: int = 4, batch_size: int = 16, block_size: int = 128,
+                    seed: int = 0) -> torch.Tensor:
+    """Every parameter-gradient value of ``batches`` separate FP32 backward passes, as one flat tensor.
+
+    The model's weights are not changed; its ``.grad`` fields are cleared afterwards.
+    """
+    device = next(model.parameters()).device
+    generator = torch.Generator().manual_seed(seed)
+    values = []
+    for _ in range(batches):
+        x, y = (t.to(device) for t in data.batch(batch_size, block_size, generator))
+        model.zero_grad(set_to_none=True)
+        cross_entropy(model(x).logits, y).backward()
+        values.append(torch.cat([p.grad.detach().flatten().float().cpu() for p in model.parameters() if p.grad is not None]))
+    model.zero_grad(set_to_none=True)
+    return torch.cat(values)

@@ -1,0 +1,169 @@
+"""Interactive explorers that work on the static page (no kernel, no network) and in Jupyter/Colab.
+
+Each explorer is one HTML output with its JavaScript inlined, so the built book, a downloaded
+notebook and Colab all show the same working widget.
+"""
+
+from __future__ import annotations
+
+import html
+import json
+import uuid
+from importlib import resources
+
+from .formats import FloatFormat, get_format, torch_overflow_convention
+
+DEFAULT_FORMATS = ("fp32", "tf32", "fp16", "bf16", "e4m3fn", "e5m2")
+
+_STYLE = """
+#{id} {{ font-family: system-ui, sans-serif; margin: 0.5em 0 1em; }}
+#{id} input {{ font: 1.05em monospace; padding: 4px 8px; width: 16em; }}
+#{id} .mp-scroll {{ overflow-x: auto; max-width: 100%; }}
+#{id} table {{ border-collapse: collapse; margin-top: 0.5em; font-size: 0.85em; }}
+#{id} th, #{id} td {{ padding: 3px 10px; border-bottom: 1px solid #ddd; text-align: left; white-space: nowrap; }}
+#{id} .mp-bits span {{ cursor: pointer; font-family: monospace; font-size: 1em; padding: 0; }}
+#{id} .mp-bits span:hover {{ outline: 1px solid #333; }}
+#{id} .mp-s {{ color: #c0392b; }} #{id} .mp-e {{ color: #1f5fbf; }} #{id} .mp-m {{ color: #2e8b3a; }}
+#{id} .mp-status {{ color: #555; font-size: 0.9em; margin-left: 0.8em; }}
+#{id} .mp-name {{ font-weight: 600; }}
+"""
+
+
+def _script(filename: str) -> str:
+    """One of the explorers' JavaScript files, as shipped in the package."""
+    return resources.files("mixprec").joinpath(filename).read_text(encoding="utf-8")
+
+
+def explorer_script() -> str:
+    """The format explorer's JavaScript."""
+    return _script("format_explorer.js")
+
+
+def format_spec(fmt: FloatFormat) -> dict:
+    """What the JavaScript needs to know about a format; overflow follows the installed torch's CPU cast."""
+    return {
+        "name": fmt.name,
+        "E": fmt.exponent_bits,
+        "M": fmt.mantissa_bits,
+        "bias": fmt.bias,
+        "emin": fmt.emin,
+        "special": fmt.special,
+        "max": fmt.max,
+        "minNormal": fmt.min_normal,
+        "overflow": torch_overflow_convention(fmt, "cpu"),
+    }
+
+
+class FormatExplorer:
+    """Type a number; see its bits, rounded value and error in every format; click bits to flip them."""
+
+    def __init__(self, value: str = "0.1", formats: tuple[str, ...] = DEFAULT_FORMATS):
+        if not formats:
+            raise ValueError("formats must name at least one format")
+        self.formats = [get_format(f) for f in formats]
+        self.value = str(value)
+        self.id = "mp-" + uuid.uuid4().hex[:10]
+
+    def _repr_html_(self) -> str:
+        specs = json.dumps([format_spec(f) for f in self.formats])
+        header = "".join(f"<th>{h}</th>" for h in ("格式", "位（符号 指数 尾数）", "存储的值", "类别", "绝对误差", "相对误差"))
+        return (
+            f'<div id="{self.id}" class="mixprec-explorer">'
+            f"<style>{_STYLE.format(id=self.id)}</style>"
+            f'<label>输入一个数：<input type="text" value="{html.escape(self.value)}" spellcheck="false"></label>'
+            '<span class="mp-status"></span>'
+            f'<div class="mp-scroll"><table><thead><tr>{header}</tr></thead><tbody></tbody></table></div>'
+            f"<script>{explorer_script()}\n"
+            f'MixprecFloat.mount(document.getElementById("{self.id}"), {specs});</script>'
+            "</div>"
+        )
+
+
+def format_explorer(value: str = "0.1", formats: tuple[str, ...] = DEFAULT_FORMATS) -> FormatExplorer:
+    """The float-format explorer, ready to be displayed as a cell's output."""
+    return FormatExplorer(value, formats)
+
+
+# --- loss-scale explorer --------------------------------------------------------------------------
+
+
+def scale_explorer_script() -> str:
+    """The loss-scale explorer's JavaScript."""
+    return _script("scale_explorer.js")
+
+
+def scale_histogram(values, fmt: str | FloatFormat = "fp16", width: float = 0.25) -> dict:
+    """What the loss-scale explorer needs: a histogram of log2|values| with bins aligned to powers of two."""
+    import math
+
+    import torch
+
+    fmt = get_format(fmt)
+    if not (width > 0 and (1 / width).is_integer()):
+        raise ValueError(f"width must be 1/k for a whole number k (so bins align with powers of two), got {width}")
+    v = torch.as_tensor(values).detach().float().flatten().abs()
+    nonzero = v[v > 0]
+    bins = torch.floor(torch.log2(nonzero) / width).long()
+    first = int(bins.min()) if bins.numel() else 0
+    counts = torch.bincount(bins - first).tolist() if bins.numel() else []
+    return {
+        "lo": first * width, "width": width, "counts": counts, "zeros": int((v == 0).sum()), "total": int(v.numel()),
+        "fmt": {"name": fmt.name, "flushBelow": math.log2(fmt.min_subnormal) - 1, "minNormal": math.log2(fmt.min_normal),
+                "overflowAt": math.log2(fmt.max + fmt.ulp(fmt.max) / 2)},
+    }
+
+
+class LossScaleExplorer:
+    """Slide the loss scale; watch a recorded gradient histogram move through the format's zones."""
+
+    def __init__(self, values, fmt: str | FloatFormat = "fp16", initial_log2_scale: int = 0):
+        self.data = scale_histogram(values, fmt)
+        self.initial = int(initial_log2_scale)
+        self.id = "ms-" + uuid.uuid4().hex[:10]
+
+    def _repr_html_(self) -> str:
+        style = (f"#{self.id} {{ font-family: system-ui, sans-serif; margin: 0.5em 0 1em; }} "
+                 f"#{self.id} input {{ width: 22em; vertical-align: middle; }} "
+                 f"#{self.id} table {{ border-collapse: collapse; font-size: 0.9em; }} "
+                 f"#{self.id} td {{ padding: 2px 12px; border-bottom: 1px solid #ddd; }}")
+        return (
+            f'<div id="{self.id}" class="mixprec-explorer"><style>{style}</style>'
+            f'<label>损失缩放因子 log₂(S)：<input type="range" min="-8" max="32" step="1"></label> '
+            '<span class="ms-scale" style="font-family: monospace"></span>'
+            f'<div class="ms-plot"></div><table><tbody></tbody></table>'
+            f"<script>{scale_explorer_script()}\n"
+            f'MixprecScale.mount(document.getElementById("{self.id}"), {json.dumps(self.data)}, {self.initial});</script>'
+            "</div>"
+        )
+
+
+# --- memory calculator ----------------------------------------------------------------------------
+
+
+class MemoryCalculator:
+    """Type a parameter count; see weights, gradients, optimizer state and autocast cache per policy."""
+
+    def __init__(self, millions: float = 124.4):
+        from .amp import BYTES_PER_PARAMETER
+
+        self.table = BYTES_PER_PARAMETER
+        self.millions = float(millions)
+        self.id = "mm-" + uuid.uuid4().hex[:10]
+
+    def _repr_html_(self) -> str:
+        script = _script("memory_calculator.js")
+        legend = " ".join(
+            f'<span style="color:{c}">■</span> {n}'
+            for c, n in (("#1f5fbf", "权重"), ("#e67e22", "梯度"), ("#7d3c98", "优化器状态"), ("#95a5a6", "autocast 权重缓存"))
+        )
+        style = (f"#{self.id} {{ font-family: system-ui, sans-serif; margin: 0.5em 0 1em; }} #{self.id} input {{ width: 8em; }} "
+                 f"#{self.id} table {{ border-collapse: collapse; width: 100%; font-size: 0.9em; margin-top: 0.5em; }} "
+                 f"#{self.id} td {{ padding: 3px 10px; border-bottom: 1px solid #ddd; white-space: nowrap; }}")
+        return (
+            f'<div id="{self.id}" class="mixprec-explorer"><style>{style}</style>'
+            '<label>参数量（百万）：<input type="number" min="0" step="any"></label> '
+            f'<span style="font-size:0.85em;margin-left:1em">{legend}</span>'
+            "<table><tbody></tbody></table>"
+            f"<script>{script}\nMixprecMemory.mount(document.getElementById(\"{self.id}\"), {json.dumps(self.table)}, {self.millions});</script>"
+            "</div>"
+        )

@@ -1,0 +1,64 @@
+"""Shared fixtures: the book is built once per test session, for the book tests and the browser tests.
+
+When the session also runs the Colab test, its notebooks start running in a fresh virtual
+environment in the background just before the book build, each process on one core, so that the
+two long jobs overlap instead of adding up.
+"""
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+HTML = ROOT / "_build" / "html"
+COLAB_WORK = ROOT / "_build" / "colab-check"
+_background: dict[str, subprocess.Popen] = {}
+
+
+def pytest_collection_modifyitems(session, config, items):
+    config.run_colab = any(item.nodeid.startswith("tests/test_colab.py") and "colab_run" in item.fixturenames for item in items)
+
+
+def _one_core_env() -> dict[str, str]:
+    return {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+
+
+def start_colab_run() -> subprocess.Popen:
+    if "colab" not in _background:
+        COLAB_WORK.mkdir(parents=True, exist_ok=True)
+        log = open(COLAB_WORK / "run.log", "w")  # noqa: SIM115 (closed with the process)
+        _background["colab"] = subprocess.Popen([sys.executable, str(ROOT / "tools" / "run_colab_notebooks.py"), "--workdir", str(COLAB_WORK)],
+                                                cwd=ROOT, env=_one_core_env(), stdout=log, stderr=subprocess.STDOUT)
+    return _background["colab"]
+
+
+@pytest.fixture(scope="session")
+def build_log(request):
+    jb = shutil.which("jupyter-book")
+    assert jb, "jupyter-book is not installed (it is in requirements.txt)"
+    parallel = getattr(request.config, "run_colab", False)
+    if parallel:
+        start_colab_run()
+    cmd = [jb, "build", str(ROOT), "--all", "-W", "-n", "--keep-going"]  # --all: no stale pages
+    res = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, env=_one_core_env() if parallel else None)
+    log = res.stdout + res.stderr
+    (ROOT / "_build").mkdir(exist_ok=True)
+    (ROOT / "_build" / "build.log").write_text(log)
+    assert res.returncode == 0, "book build failed:\n" + log[-6000:]
+    return log
+
+
+@pytest.fixture(scope="session")
+def colab_run():
+    """The finished Colab run: its process (started in the background by the build, or now)."""
+    process = start_colab_run()
+    try:
+        process.wait(timeout=3600)
+    finally:
+        if process.poll() is None:
+            process.kill()
+    return process

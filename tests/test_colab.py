@@ -1,0 +1,44 @@
+"""The Colab notebooks: generated from the chapters, each with its setup cell, and each running top to
+bottom in a fresh environment that has only Colab's base and what the setup cell installs."""
+
+import json
+import sys
+
+import nbformat
+from conftest import COLAB_WORK, ROOT
+
+sys.path.insert(0, str(ROOT / "tools"))
+import colab_notebooks  # noqa: E402
+
+
+def test_one_notebook_per_chapter_with_a_setup_cell(tmp_path):
+    local = colab_notebooks.main(["--out", str(tmp_path / "local"), "--source", str(ROOT / "code")])
+    remote = colab_notebooks.main(["--out", str(tmp_path / "remote"), "--ref", "v1.2.3"])
+    chapters = colab_notebooks.chapters()
+    assert len(local) == len(chapters) >= 9 and "book/06_debugging" in chapters and "book/intro" not in chapters
+    for a, b in zip(local, remote):
+        nb_a, nb_b = nbformat.read(a, 4), nbformat.read(b, 4)
+        setup_a, setup_b = nb_a.cells[0].source.splitlines(), nb_b.cells[0].source.splitlines()
+        differing = [(x, y) for x, y in zip(setup_a, setup_b) if x != y]
+        assert differing == [(f"MIXPREC_SOURCE = {str(ROOT / 'code')!r}",
+                              "MIXPREC_SOURCE = 'git+https://github.com/mixprec/mixprec-book@v1.2.3#subdirectory=code'")]
+        assert "torch" not in " ".join(line for line in setup_a if "pip" in line and "install" in line)  # never reinstalls torch
+        assert "fonts-noto-cjk" in nb_a.cells[0].source
+        assert nb_a.metadata["accelerator"] == "GPU" and "colab" in nb_a.metadata
+        text = "\n".join(c.source for c in nb_a.cells)
+        assert "{literalinclude}" not in text and ":::{admonition}" not in text and "{exercise}" not in text
+        nbformat.validate(nb_a)
+
+
+def test_literalinclude_becomes_the_real_source(tmp_path):
+    nb = nbformat.read(colab_notebooks.main(["--out", str(tmp_path), "--source", "x"])[5], 4)  # 06_debugging
+    source = "\n".join(c.source for c in nb.cells if c.cell_type == "markdown")
+    assert "def trace_nonfinite(model: torch.nn.Module, step: Callable[[], object]) -> NonFinite | None:" in source
+
+
+def test_notebooks_run_in_a_fresh_environment(colab_run):
+    summary = json.loads((COLAB_WORK / "summary.json").read_text())
+    failed = [f"{s['notebook']}:\n{s['error']}" for s in summary if s["returncode"] != 0]
+    assert not failed, "\n\n".join(failed)
+    assert len(summary) == len(colab_notebooks.chapters())
+    assert colab_run.returncode == 0

@@ -1,0 +1,148 @@
+"""The built site in a headless browser, offline: pages load without JavaScript errors, the explorers
+respond to input, Chinese search works, internal links and cross-references resolve, and the Colab
+buttons open .ipynb notebooks. Screenshots of the chapter pages are kept in _build/screenshots/."""
+
+import functools
+import http.server
+import re
+import shutil
+import threading
+from html.parser import HTMLParser
+from pathlib import Path
+from urllib.parse import unquote, urldefrag, urljoin, urlparse
+
+import pytest
+from conftest import HTML, ROOT
+
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+SHOTS = ROOT / "_build" / "screenshots"
+# Flags for a sandboxed machine with no network (see the environment notes): no background traffic.
+FLAGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
+         "--disable-component-update", "--disable-sync"]
+
+
+def pages() -> list[Path]:
+    return sorted(p for p in HTML.rglob("*.html") if "_static" not in p.parts and "_sources" not in p.parts)
+
+
+@pytest.fixture(scope="module")
+def site(build_log):
+    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(HTML))
+    handler.log_message = lambda *args: None
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    yield f"http://127.0.0.1:{server.server_address[1]}/"
+    server.shutdown()
+
+
+@pytest.fixture(scope="module")
+def browser(site):
+    if CHROMIUM is None:
+        pytest.fail("chromium is not installed (.ci/run installs it with apt-get)")
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=FLAGS)
+        yield browser
+        browser.close()
+
+
+def _open(browser, url: str, errors: list[str]):
+    page = browser.new_page(viewport={"width": 1280, "height": 900})
+    # Offline, as a reader without network would be: anything not on localhost is refused.
+    page.route(re.compile(r"^(?!http://127\.0\.0\.1).*"), lambda route: route.abort())
+    page.on("pageerror", lambda exc: errors.append(f"{url}: {exc}"))
+    page.goto(url, wait_until="load")
+    return page
+
+
+def test_every_page_loads_without_javascript_errors(browser, site):
+    SHOTS.mkdir(parents=True, exist_ok=True)
+    errors: list[str] = []
+    checked = 0
+    for path in pages():
+        rel = path.relative_to(HTML).as_posix()
+        page = _open(browser, site + rel, errors)
+        if rel.startswith("book/"):
+            page.screenshot(path=str(SHOTS / (path.stem + ".png")), full_page=False)
+        page.close()
+        checked += 1
+    assert checked >= 10
+    assert not errors, "JavaScript errors:\n" + "\n".join(errors)
+
+
+@pytest.mark.parametrize("chapter, count", [("01_formats", 1), ("02_loss_scaling", 1), ("03_amp", 1)])
+def test_explorers_respond_to_input_offline(browser, site, chapter, count):
+    errors: list[str] = []
+    page = _open(browser, f"{site}book/{chapter}.html", errors)
+    explorers = page.locator(".mixprec-explorer")
+    assert explorers.count() >= count
+    for i in range(explorers.count()):
+        root = explorers.nth(i)
+        field = root.locator("input").first
+        before = root.inner_text()
+        assert before.strip(), f"explorer {i} in {chapter} rendered nothing"
+        kind = field.get_attribute("type")
+        new_value = {"range": "20", "number": "7000", "text": "65520"}[kind]
+        field.evaluate("(el, v) => { el.value = v; el.dispatchEvent(new Event('input', {bubbles: true})); }", new_value)
+        after = root.inner_text()
+        assert after != before, f"explorer {i} ({kind}) in {chapter} did not respond to input"
+    assert not errors, errors
+
+
+def test_chinese_search_finds_the_formats_chapter(browser, site):
+    errors: list[str] = []
+    page = _open(browser, site + "search.html?q=%E6%AC%A1%E6%AD%A3%E8%A7%84%E6%95%B0", errors)  # 次正规数
+    page.wait_for_selector("#search-results li a", timeout=20_000)
+    links = page.eval_on_selector_all("#search-results li a", "els => els.map(e => e.getAttribute('href'))")
+    assert any("01_formats" in href for href in links), links
+    assert not errors, errors
+
+
+class _Links(HTMLParser):
+    def __init__(self):
+        super().__init__()
+        self.hrefs: list[str] = []
+        self.ids: set[str] = set()
+
+    def handle_starttag(self, tag, attrs):
+        attrs = dict(attrs)
+        if "id" in attrs:
+            self.ids.add(attrs["id"])
+        if tag == "a" and attrs.get("href"):
+            self.hrefs.append(attrs["href"])
+
+
+@functools.cache
+def _parse(path: Path) -> _Links:
+    parser = _Links()
+    parser.feed(path.read_text(encoding="utf-8"))
+    return parser
+
+
+def test_no_broken_internal_links_or_cross_references(build_log):
+    broken = []
+    for path in pages():
+        base = "http://site/" + path.relative_to(HTML).as_posix()
+        for href in _parse(path).hrefs:
+            url, fragment = urldefrag(urljoin(base, href))
+            parsed = urlparse(url)
+            if parsed.netloc != "site":
+                continue
+            target = HTML / unquote(parsed.path.lstrip("/"))
+            if target.is_dir():
+                target = target / "index.html"
+            if not target.exists():
+                broken.append(f"{path.name}: {href} (no file)")
+            elif fragment and target.suffix == ".html" and unquote(fragment) not in _parse(target).ids:
+                broken.append(f"{path.name}: {href} (no anchor)")
+    assert not broken, "broken links:\n" + "\n".join(sorted(set(broken)))
+
+
+def test_colab_buttons_open_generated_notebooks(build_log):
+    chapters = sorted((HTML / "book").glob("0*.html"))
+    assert len(chapters) >= 7
+    for path in chapters:
+        colab = [h for h in _parse(path).hrefs if "colab.research.google.com" in h]
+        assert colab, f"{path.name} has no Colab button"
+        assert all(h.endswith(f"/book/{path.stem}.ipynb") and "/blob/colab/" in h for h in colab), colab
