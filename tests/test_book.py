@@ -34,8 +34,16 @@ def test_chapters_rendered(build_log):
     assert page.count("<img") >= 5 and "{glue" not in page and page.count("<table") >= 7 and page.count("✔ 正确") >= 3
     page = (HTML / "book" / "05_fp8.html").read_text()
     assert page.count("<img") >= 2 and "{glue" not in page and page.count("<table") >= 4 and page.count("✔ 正确") >= 1
+    page = (HTML / "book" / "06_debugging.html").read_text()
+    assert page.count("<img") >= 6 and "{glue" not in page and page.count("<table") >= 3 and page.count("✔ 正确") >= 1
+    page = (HTML / "book" / "07_story_generation.html").read_text()
+    assert page.count("<img") >= 2 and "{glue" not in page and page.count("<table") >= 6 and page.count("✔ 正确") >= 1
+    for name in ("08_summary", "misconceptions"):
+        assert "{glue" not in (HTML / "book" / f"{name}.html").read_text()
     for name in ("intro", "references"):
         assert (HTML / "book" / f"{name}.html").exists()
+    references = (HTML / "book" / "references.html").read_text()
+    assert "Shleifer" in references and "1802.00930" in references  # the sources' two wrong author lists, corrected
 
 
 def test_chinese_search_index(build_log):

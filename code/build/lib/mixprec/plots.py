@@ -157,7 +157,7 @@ def triage_chart(steps: list[tuple[str, str]], ax=None, no_label: str = "否", y
     n = len(steps)
     if ax is None:
         _, ax = plt.subplots(figsize=(9.5, 1.05 * n + 0.3))
-    box = dict(boxstyle="round,pad=0.35", linewidth=1.0)
+    box = dict(boxstyle="round,pad=0.02,rounding_size=0.12", linewidth=1.0)
     for i, (question, action) in enumerate(steps):
         y = n - 1 - i
         ax.add_patch(FancyBboxPatch((0.0, y + 0.15), 4.4, 0.6, facecolor="#e8f0fb", edgecolor="#1f5fbf", **box))
@@ -167,7 +167,7 @@ def triage_chart(steps: list[tuple[str, str]], ax=None, no_label: str = "否", y
         ax.annotate("", xy=(5.45, y + 0.45), xytext=(4.55, y + 0.45), arrowprops=dict(arrowstyle="->", color="#2ca02c"))
         ax.text(5.0, y + 0.55, yes_label, ha="center", fontsize=8.5, color="#2ca02c")
         if i < n - 1:
-            ax.annotate("", xy=(2.2, y - 0.1), xytext=(2.2, y + 0.05), arrowprops=dict(arrowstyle="->", color="#1f5fbf"))
+            ax.annotate("", xy=(2.2, y - 0.23), xytext=(2.2, y + 0.13), arrowprops=dict(arrowstyle="->", color="#1f5fbf"))
             ax.text(2.35, y - 0.05, no_label, fontsize=8.5, color="#1f5fbf", va="center")
     ax.set_xlim(-0.3, 10.5)
     ax.set_ylim(-0.2, n)
