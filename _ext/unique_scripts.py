@@ -1,8 +1,10 @@
 """Drop repeated <script> entries from each page.
 
-Under Jupyter Book 1.0.4, the inline scripts of sphinx-thebe 0.3.1 and sphinx-togglebutton reach
-each page twice (once with filename None, once with ""); the second ``const THEBE_JS_URL = ...``
-throws "Identifier 'THEBE_JS_URL' has already been declared" on every page. The browser test
+sphinx-thebe 0.3.1 and sphinx-togglebutton register inline scripts with ``app.add_js_file(None,
+body=...)`` after the HTML builder exists. Sphinx then stores each twice (in the registry, and in the
+builder as filename ""), and it only deduplicates scripts that have a filename; the second
+``const THEBE_JS_URL = ...`` throws "Identifier 'THEBE_JS_URL' has already been declared" on every
+page. Dropping repeats per page fixes every such extension at once. The browser test
 (tests/test_site.py) checks that no page throws.
 """
 

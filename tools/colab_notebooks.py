@@ -15,7 +15,6 @@ Colab buttons point at on the published ``colab`` branch.
 from __future__ import annotations
 
 import argparse
-import ast
 import json
 import re
 import subprocess
@@ -57,15 +56,11 @@ def chapters() -> list[str]:
 
 
 def _python_object(path: Path, name: str) -> str:
-    """Source of a top-level function or class (or ``Class.method``) in ``path``, as literalinclude's :pyobject: gives it."""
-    source = path.read_text(encoding="utf-8")
-    nodes = ast.parse(source).body
-    for part in name.split("."):
-        node = next(n for n in nodes if isinstance(n, (ast.FunctionDef, ast.ClassDef, ast.AsyncFunctionDef)) and n.name == part)
-        nodes = node.body
-    lines = source.splitlines()
-    start = min([node.lineno] + [d.lineno for d in node.decorator_list])
-    return "\n".join(lines[start - 1 : node.end_lineno])
+    """The lines literalinclude's ``:pyobject:`` shows: Sphinx's own ModuleAnalyzer finds the object."""
+    from sphinx.pycode import ModuleAnalyzer
+
+    _, start, end = ModuleAnalyzer.for_file(str(path), "").find_tags()[name]
+    return "\n".join(path.read_text(encoding="utf-8").splitlines()[start - 1 : end])
 
 
 _INCLUDE = re.compile(r"```\{literalinclude\} (\S+)\n(?::[^\n]*\n)*?:pyobject: (\S+)\n(?::[^\n]*\n)*```")

@@ -243,9 +243,10 @@ class ClinicModel(nn.Module):
             self.norm = HandLayerNorm(width, eps=1e-12 if bug == "layernorm_eps" else 1e-5, in_fp32=bug != "layernorm_eps")
             self.attn = Attention(width, bug)
             self.proj = nn.Linear(width, width)
-        if bug == MYSTERY.name or norm_fn is not None:
+        mystery = bug == MYSTERY.name or norm_fn is not None
+        if mystery:
             self.norm = FunctionalNorm(width, norm_fn or layer_norm_one_pass)
-        self.offset = MYSTERY_OFFSET if bug == MYSTERY.name or norm_fn is not None else 0.0
+        self.offset = MYSTERY_OFFSET if mystery else 0.0
         self.head_norm = L2Normalize(as_given=bug == "custom_op")
         outlier = torch.zeros(width)
         if bug == "custom_op":

@@ -22,7 +22,8 @@ from torch.overrides import TorchFunctionMode
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
-from .formats import FloatFormat, get_format, round_to_format
+from .formats import FloatFormat, get_format
+from .scaling import zone_fractions
 
 OUTSIDE = "(模型之外)"  # ops run outside every module of the model, e.g. the loss
 _MODULE_TAG = "mixprec_module"
@@ -178,7 +179,6 @@ def tensor_stats(x: torch.Tensor, fmt: str | FloatFormat = "fp16") -> TensorStat
     fv = v[finite]
     a = v.abs()
     nonzero_finite = finite & (v != 0)
-    flushed = nonzero_finite & (round_to_format(torch.where(finite, v, 0.0), f) == 0)
     return TensorStats(
         numel=n,
         min=float(fv.min()) if fv.numel() else math.nan,
@@ -187,7 +187,7 @@ def tensor_stats(x: torch.Tensor, fmt: str | FloatFormat = "fp16") -> TensorStat
         nonfinite=float((~finite).sum()) / n,
         above_max=float((finite & (a > f.max)).sum()) / n,
         below_min_normal=float((nonzero_finite & (a < f.min_normal)).sum()) / n,
-        flushed=float(flushed.sum()) / n,
+        flushed=zone_fractions(v, 1.0, f)["flushed"],
         format=f.name,
     )
 

@@ -75,6 +75,11 @@ def for_inference(model: torch.nn.Module, precision: str = "fp32") -> InferenceM
     raise ValueError(f"unknown inference precision {precision!r}; valid: {', '.join(INFERENCE_PRECISIONS)}")
 
 
+def until_eos(token_ids: list[int], eos_token_id: int) -> list[int]:
+    """The tokens really generated: up to and including the first EOS; what ``generate`` pads after it is dropped."""
+    return token_ids[: token_ids.index(eos_token_id) + 1] if eos_token_id in token_ids else token_ids
+
+
 @dataclass(frozen=True)
 class Generation:
     text: str  # the continuation only, without the prompt
@@ -113,7 +118,5 @@ def generate(model, tokenizer, prompt: str, precision: str = "fp32", seed: int =
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         seconds = time.perf_counter() - start
-    new = out[0, inputs["input_ids"].shape[1] :].tolist()
-    if tokenizer.eos_token_id in new:
-        new = new[: new.index(tokenizer.eos_token_id) + 1]
+    new = until_eos(out[0, inputs["input_ids"].shape[1] :].tolist(), tokenizer.eos_token_id)
     return Generation(tokenizer.decode(new, skip_special_tokens=True), prompt, new, seconds)

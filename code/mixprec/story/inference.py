@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .generate import InferenceModel, for_inference
+from .generate import InferenceModel, for_inference, until_eos
 from .metrics import next_token_kl
 
 
@@ -45,10 +45,7 @@ def weight_bytes(model: torch.nn.Module) -> int:
 
 def count_generated(new_tokens: torch.Tensor, eos_token_id: int) -> int:
     """Tokens actually generated in a (batch, steps) block: each row up to and including its first EOS."""
-    total = 0
-    for row in new_tokens.tolist():
-        total += row.index(eos_token_id) + 1 if eos_token_id in row else len(row)
-    return total
+    return sum(len(until_eos(row, eos_token_id)) for row in new_tokens.tolist())
 
 
 def time_generation(model, tokenizer, prompt: str, precision: str = "fp32", batch_size: int = 1, max_new_tokens: int = 64,
