@@ -211,3 +211,38 @@ def load_recorded(name: str, directory: Path | None = None) -> list[dict]:
             raise ValueError(f"{path.name} lacks provenance fields {missing}")
         results.append(record)
     return results
+
+
+# --- comparing the cost of several variants -----------------------------------------------------
+
+
+def interleaved_median_times(fns: dict[str, Callable[[], object]], repeats: int = 15, warmup: int = 2) -> dict[str, float]:
+    """Median seconds per call of each function in ``fns``, timed in interleaved rounds.
+
+    Timing one variant after another lets a shared, noisy machine (another job, a clock change) slow
+    one of them and not the others; a ratio of two such medians can then say anything. Here each
+    round calls every function once, in an order rotated from round to round, so drifts hit all
+    variants alike, and the median over ``repeats`` rounds discards the outliers. On a GPU each call
+    is bracketed by synchronisations, so the clock sees the work and not only its launch.
+    """
+    if not fns:
+        raise ValueError("fns must name at least one function to time")
+    if repeats < 1 or warmup < 0:
+        raise ValueError(f"repeats must be >= 1 and warmup >= 0, got repeats={repeats}, warmup={warmup}")
+    if not all(callable(fn) for fn in fns.values()):
+        raise TypeError("every value of fns must be a callable taking no arguments")
+    sync = torch.cuda.synchronize if torch.cuda.is_available() else (lambda: None)
+    names = list(fns)
+    for _ in range(warmup):
+        for name in names:
+            fns[name]()
+    times: dict[str, list[float]] = {name: [] for name in names}
+    for round_ in range(repeats):
+        shift = round_ % len(names)
+        for name in names[shift:] + names[:shift]:
+            sync()
+            t0 = time.perf_counter()
+            fns[name]()
+            sync()
+            times[name].append(time.perf_counter() - t0)
+    return {name: statistics.median(ts) for name, ts in times.items()}
