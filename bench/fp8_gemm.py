@@ -1,11 +1,13 @@
 """FP8 (torch._scaled_mm, E4M3, tensorwise scales) against BF16 matmul speed, M = N = K from 512 to 8192.
 
 Run: `python bench/fp8_gemm.py` (prints) or `python bench/fp8_gemm.py --record` on an FP8 GPU, which
-writes book/_data/gpu/fp8_gemm_<device>.json with its provenance. Goal: >= 1.6x BF16 at 8192 on H100.
+writes fp8_gemm_<device>.json (hw.result_filename) with its provenance into hw.recorded_dir(),
+code/mixprec/data/gpu/ in a checkout. Goal: >= 1.6x BF16 at 8192 on H100.
 On a CPU, _scaled_mm is a reference implementation: the numbers show that it runs, not FP8 speed.
 """
 
 import argparse
+import sys
 
 import torch
 from mixprec import hw
@@ -14,8 +16,13 @@ from mixprec import hw
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sizes", type=int, nargs="+", default=None)
-    parser.add_argument("--record", action="store_true", help="write book/_data/gpu/fp8_gemm_<device>.json (GPU only)")
+    parser.add_argument("--record", action="store_true", help="GPU only: write fp8_gemm_<device>.json into hw.recorded_dir()")
     args = parser.parse_args()
+    if args.record:
+        try:
+            hw.recording_device()  # fail before the run, not after it
+        except RuntimeError as err:
+            sys.exit(f"{parser.prog}: cannot record: {err}")
     info = hw.device_info()
     device = torch.device(info.device)
     sizes = args.sizes or ([512, 1024, 2048, 4096, 8192] if device.type == "cuda" else [256, 512])
@@ -33,7 +40,10 @@ def main() -> None:
         rows.append({"n": n, "bf16_tflops": 2 * n**3 / bf16 / 1e12, "fp8_tflops": 2 * n**3 / fp8 / 1e12, "speedup": bf16 / fp8})
         print(f"n={n:5d}  bf16 {rows[-1]['bf16_tflops']:8.2f} TFLOP/s  fp8 {rows[-1]['fp8_tflops']:8.2f} TFLOP/s  speedup {rows[-1]['speedup']:.2f}x")
     if args.record:
-        print("recorded", hw.record_gpu_result("fp8_gemm", {"results": rows}))
+        try:
+            print("recorded", hw.record_gpu_result("fp8_gemm", {"results": rows}))
+        except (RuntimeError, OSError) as err:
+            sys.exit(f"{parser.prog}: cannot record: {err}")
 
 
 if __name__ == "__main__":

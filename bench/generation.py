@@ -1,11 +1,12 @@
-"""Story generation speed per precision and batch size; on a GPU, records the result into book/_data/gpu/.
+"""Story generation speed per precision and batch size; on a GPU, records the result for chapter 7.
 
 Run: `python bench/generation.py` (prints) or `python bench/generation.py --record` on a GPU, which
-writes book/_data/gpu/generation_<device>.json for chapter 7. Tokens/s counts only the tokens each
-sequence really generated (up to and including EOS).
+writes generation_<device>.json (hw.result_filename) into hw.recorded_dir(), code/mixprec/data/gpu/
+in a checkout. Tokens/s counts only the tokens each sequence really generated (up to and including EOS).
 """
 
 import argparse
+import sys
 
 import torch
 from mixprec import hw, story
@@ -17,8 +18,13 @@ def main() -> None:
     parser.add_argument("--precisions", nargs="+", default=["fp32", "fp16", "bf16"])
     parser.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 8, 32, 128])
     parser.add_argument("--new-tokens", type=int, default=128)
-    parser.add_argument("--record", action="store_true", help="write book/_data/gpu/generation_<device>.json (GPU only)")
+    parser.add_argument("--record", action="store_true", help="GPU only: write generation_<device>.json into hw.recorded_dir()")
     args = parser.parse_args()
+    if args.record:
+        try:
+            hw.recording_device()  # fail before the run, not after it
+        except RuntimeError as err:
+            sys.exit(f"{parser.prog}: cannot record: {err}")
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     model, tokenizer, _, _ = story.storyteller(args.size, progress=False)
@@ -32,7 +38,10 @@ def main() -> None:
                          "weight_bytes": t.weight_bytes})
             print(f"{precision:5s} batch {batch:4d}: {t.tokens_per_s:10.1f} tokens/s, {t.latency_per_token * 1e3:7.2f} ms/token")
     if args.record:
-        print("recorded", hw.record_gpu_result("generation", {"size": args.size, "new_tokens": args.new_tokens, "rows": rows}))
+        try:
+            print("recorded", hw.record_gpu_result("generation", {"size": args.size, "new_tokens": args.new_tokens, "rows": rows}))
+        except (RuntimeError, OSError) as err:
+            sys.exit(f"{parser.prog}: cannot record: {err}")
 
 
 if __name__ == "__main__":

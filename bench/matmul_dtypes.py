@@ -1,9 +1,11 @@
-"""Matmul throughput per dtype on this device; on a GPU, records the result into book/_data/gpu/.
+"""Matmul throughput per dtype on this device; on a GPU, records the result for chapter 1.
 
-Run: `python bench/matmul_dtypes.py` (prints) or `python bench/matmul_dtypes.py --record` on a GPU.
+Run: `python bench/matmul_dtypes.py` (prints) or `python bench/matmul_dtypes.py --record` on a GPU, which
+writes matmul_<device>.json (hw.result_filename) into hw.recorded_dir(), code/mixprec/data/gpu/ in a checkout.
 """
 
 import argparse
+import sys
 
 import torch
 from mixprec import hw
@@ -12,8 +14,13 @@ from mixprec import hw
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sizes", type=int, nargs="+", default=None)
-    parser.add_argument("--record", action="store_true", help="write book/_data/gpu/matmul_<device>.json (GPU only)")
+    parser.add_argument("--record", action="store_true", help="GPU only: write matmul_<device>.json into hw.recorded_dir()")
     args = parser.parse_args()
+    if args.record:
+        try:
+            hw.recording_device()  # fail before the run, not after it
+        except RuntimeError as err:
+            sys.exit(f"{parser.prog}: cannot record: {err}")
 
     info = hw.device_info()
     sizes = args.sizes or ([1024, 2048, 4096, 8192] if info.device == "cuda" else [256, 512, 1024])
@@ -29,7 +36,10 @@ def main() -> None:
     for name, row in result.items():
         print(f"{name:5s}", "  ".join(f"n={n}: {v:8.2f} TFLOP/s" for n, v in row.items()))
     if args.record:
-        print("recorded", hw.record_gpu_result("matmul", {"tflops": result}))
+        try:
+            print("recorded", hw.record_gpu_result("matmul", {"tflops": result}))
+        except (RuntimeError, OSError) as err:
+            sys.exit(f"{parser.prog}: cannot record: {err}")
 
 
 if __name__ == "__main__":

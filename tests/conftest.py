@@ -19,6 +19,7 @@ COLAB_WORK = ROOT / "_build" / "colab-check"
 _background: dict[str, subprocess.Popen] = {}
 
 
+@pytest.hookimpl(trylast=True)  # after -m/-k deselection: a fast run (`-m "not book"`) starts no Colab run
 def pytest_collection_modifyitems(session, config, items):
     config.run_colab = any(item.nodeid.startswith("tests/test_colab.py") and "colab_run" in item.fixturenames for item in items)
 

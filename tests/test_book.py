@@ -2,7 +2,10 @@
 
 import json
 
+import pytest
 from conftest import HTML, ROOT
+
+pytestmark = pytest.mark.book
 
 
 def test_config_raises_on_errors():

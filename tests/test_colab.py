@@ -5,10 +5,13 @@ import json
 import sys
 
 import nbformat
+import pytest
 from conftest import COLAB_WORK, ROOT
 
 sys.path.insert(0, str(ROOT / "tools"))
 import colab_notebooks  # noqa: E402
+
+pytestmark = pytest.mark.book
 
 
 def test_one_notebook_per_chapter_with_a_setup_cell(tmp_path):

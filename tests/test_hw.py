@@ -1,8 +1,15 @@
 import json
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
+import yaml
 from mixprec import hw
+
+ROOT = Path(__file__).resolve().parents[1]
+PROVENANCE = {"device": "NVIDIA H100 80GB HBM3", "torch_version": "2.13", "date": "2026-11-01", "command": "python x.py --record"}
 
 
 def test_profile_default_and_override(monkeypatch):
@@ -41,11 +48,133 @@ def test_benchmark_and_matmul():
     assert hw.matmul_tflops(64, torch.float32, "cpu", repeat=2) > 0
 
 
-def test_load_recorded_requires_provenance(tmp_path):
-    (tmp_path / "demo_ok.json").write_text(json.dumps({"device": "H100", "torch_version": "2.13", "date": "2026-11-01", "command": "x", "v": 1}))
-    assert hw.load_recorded("demo", tmp_path)[0]["v"] == 1
-    (tmp_path / "demo_bad.json").write_text(json.dumps({"device": "H100"}))
-    with pytest.raises(ValueError, match="provenance"):
+def test_result_filename_is_the_one_naming_rule():
+    assert hw.result_filename("train", "NVIDIA H100 80GB HBM3", "bf16-amp") == "train_nvidia_h100_80gb_hbm3_bf16-amp.json"
+    assert hw.result_filename("matmul", "Tesla T4") == "matmul_tesla_t4.json"
+    assert hw.result_filename("fp8_gemm", "NVIDIA L4") == "fp8_gemm_nvidia_l4.json"
+    # odd characters (a policy's ':', a '/' that would leave the directory) become one '_'
+    assert hw.result_filename("train", " NVIDIA A100-SXM4-80GB ", "emulate:e4m3fn") == "train_nvidia_a100-sxm4-80gb_emulate_e4m3fn.json"
+    assert hw.result_filename("train", "../../etc", "a/b") == "train_etc_a_b.json"
+    for bad in ("", "Train", "train_", "tr ain", "../x", None):
+        with pytest.raises(ValueError, match="prefix"):
+            hw.result_filename(bad, "T4")
+    with pytest.raises(ValueError, match="device_name"):
+        hw.result_filename("train", " / ")
+    with pytest.raises(ValueError, match="qualifier"):
+        hw.result_filename("train", "T4", "::")
+
+
+def test_load_recorded_requires_provenance_and_names_the_file(tmp_path):
+    (tmp_path / "demo_ok.json").write_text(json.dumps({**PROVENANCE, "v": 1}))
+    assert [r["v"] for r in hw.load_recorded("demo", tmp_path)] == [1]
+    assert hw.load_recorded("other_", tmp_path) == []
+    cases = {
+        "demo_missing.json": ({"device": "H100"}, "lacks provenance fields"),
+        "demo_number.json": ({**PROVENANCE, "torch_version": 2.13}, "non-empty strings"),
+        "demo_empty.json": ({**PROVENANCE, "command": "  "}, "non-empty strings"),
+        "demo_null.json": ({**PROVENANCE, "date": None}, "non-empty strings"),
+        "demo_list.json": ([PROVENANCE], "JSON object"),
+        "demo_cc.json": ({**PROVENANCE, "compute_capability": "9.0"}, "compute_capability"),
+    }
+    for name, (record, message) in cases.items():
+        bad = tmp_path / "bad"
+        bad.mkdir(exist_ok=True)
+        for old in bad.iterdir():
+            old.unlink()
+        (bad / "demo_ok.json").write_text(json.dumps(PROVENANCE))
+        (bad / name).write_text(json.dumps(record))
+        with pytest.raises(ValueError, match=message) as err:
+            hw.load_recorded("demo", bad)
+        assert str(bad / name) in str(err.value)  # every error names the file
+    (tmp_path / "demo_broken.json").write_text("{not json")
+    with pytest.raises(ValueError, match="demo_broken.json"):
         hw.load_recorded("demo", tmp_path)
-    for record in hw.load_recorded(""):  # whatever the book has recorded must say where it came from
-        assert all(k in record for k in hw.PROVENANCE_KEYS)
+    with pytest.raises(FileNotFoundError, match="no-such-dir"):
+        hw.load_recorded("demo", tmp_path / "no-such-dir")
+    for bad_name in ("../demo", "*", None):
+        with pytest.raises((ValueError, TypeError)):
+            hw.load_recorded(bad_name, tmp_path)
+
+
+def test_recorded_results_ship_with_the_package(monkeypatch):
+    monkeypatch.delenv(hw.GPU_DATA_ENV, raising=False)
+    assert hw.recorded_dir() == hw.PACKAGE_GPU_DATA == Path(hw.__file__).resolve().parent / "data" / "gpu"
+    assert hw.PACKAGE_GPU_DATA.is_dir() and (hw.PACKAGE_GPU_DATA / "README.md").exists()
+    pyproject = (ROOT / "code" / "pyproject.toml").read_text()
+    package_data = pyproject.split("[tool.setuptools.package-data]")[1].split("\n[")[0]
+    assert '"data/gpu/*.json"' in package_data  # installed by `pip install`, not only present in a checkout
+    for record in hw.load_recorded(""):  # whatever has been recorded must say where it came from
+        assert all(isinstance(record[k], str) and record[k] for k in hw.PROVENANCE_KEYS)
+    assert not (ROOT / "book" / "_data" / "gpu").exists()  # one home, not two
+
+
+def test_env_var_overrides_the_recorded_results_directory(tmp_path, monkeypatch):
+    (tmp_path / "train_t4_fp32.json").write_text(json.dumps({**PROVENANCE, "precision": "fp32"}))
+    monkeypatch.setenv(hw.GPU_DATA_ENV, str(tmp_path))
+    assert hw.recorded_dir() == tmp_path
+    assert [r["precision"] for r in hw.load_recorded("train_")] == ["fp32"]
+    monkeypatch.setenv(hw.GPU_DATA_ENV, str(tmp_path / "missing"))
+    with pytest.raises(FileNotFoundError, match="MIXPREC_GPU_DATA"):  # a wrong override is an error, not "no results"
+        hw.load_recorded("train_")
+
+
+def _fake_device(monkeypatch, kind: str) -> None:
+    fake = hw.DeviceInfo("cuda", "NVIDIA H100 80GB HBM3", (9, 0), {"fp16": True, "bf16": True, "tf32": True, "fp8": True}) if kind == "cuda" \
+        else hw.DeviceInfo("cpu", "Some CPU", None, {"fp16": False, "bf16": False, "tf32": False, "fp8": False})
+    monkeypatch.setattr(hw, "device_info", lambda device=None: fake)
+
+
+def test_record_gpu_result_on_a_cpu_raises_a_normal_exception(tmp_path, monkeypatch):
+    _fake_device(monkeypatch, "cpu")
+    monkeypatch.setenv(hw.GPU_DATA_ENV, str(tmp_path))
+    with pytest.raises(RuntimeError, match="no CUDA GPU"):  # not SystemExit: library code does not end the process
+        hw.record_gpu_result("matmul", {"tflops": {}})
+    with pytest.raises(RuntimeError, match="no CUDA GPU"):
+        hw.recording_device()
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_record_gpu_result_writes_the_named_file_with_provenance(tmp_path, monkeypatch):
+    _fake_device(monkeypatch, "cuda")
+    monkeypatch.setenv(hw.GPU_DATA_ENV, str(tmp_path / "gpu"))
+    path = hw.record_gpu_result("train", {"precision": "bf16-amp", "tokens_per_s": 1.0}, "bf16-amp", argv=["-m", "mixprec.bench", "train"])
+    assert path == tmp_path / "gpu" / hw.result_filename("train", "NVIDIA H100 80GB HBM3", "bf16-amp")
+    (record,) = hw.load_recorded("train_")
+    assert record["device"] == "NVIDIA H100 80GB HBM3" and record["compute_capability"] == [9, 0]
+    assert record["command"] == "python -m mixprec.bench train" and record["precision"] == "bf16-amp"
+    assert [p.name for p in path.parent.iterdir()] == [path.name]  # no temporary file left behind
+    with pytest.raises(ValueError, match="provenance"):
+        hw.record_gpu_result("train", {"device": "mine"})
+
+
+def test_bench_cli_record_on_a_cpu_exits_with_one_line(monkeypatch, capsys):
+    from mixprec import bench
+
+    _fake_device(monkeypatch, "cpu")
+    with pytest.raises(SystemExit) as exit_:
+        bench.main(["train", "--record", "--steps", "1"])  # refused before any training
+    message = str(exit_.value.code)
+    assert "cannot record" in message and "\n" not in message  # sys.exit(str): one line on stderr, status 1
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal on a machine without a GPU")
+def test_bench_script_record_on_a_cpu_exits_non_zero():
+    res = subprocess.run([sys.executable, str(ROOT / "bench" / "matmul_dtypes.py"), "--record", "--sizes", "8"],
+                         capture_output=True, text=True, cwd=ROOT, timeout=300)
+    assert res.returncode != 0 and "Traceback" not in res.stderr
+    assert res.stderr.strip().count("\n") == 0 and "cannot record" in res.stderr
+
+
+def test_every_writer_uses_the_one_naming_and_record_functions():
+    for script in sorted((ROOT / "bench").glob("*.py")) + [ROOT / "code" / "mixprec" / "bench.py"]:
+        text = script.read_text()
+        if "--record" in text:
+            assert "hw.record_gpu_result(" in text, f"{script.name} records without hw.record_gpu_result"
+            assert ".json\"" not in text and "_data" not in text, f"{script.name} composes a result file name itself"
+    gpu = yaml.safe_load((ROOT / ".github" / "workflows" / "gpu-book.yml").read_text())
+    steps = [s for job in gpu["jobs"].values() for s in job.get("steps", [])]
+    (record,) = [s for s in steps if s.get("name", "").startswith("Record GPU results")]
+    assert "--record" in record["run"] and "--out" not in record["run"] and "nvidia-smi" not in record["run"]
+    assert ".json" not in record["run"]  # the workflow names no files: the writers do, with hw.result_filename
+    uploaded = [s["with"]["path"] for s in steps if s.get("with", {}).get("name") == "gpu-results"]
+    assert uploaded == [f"{hw.PACKAGE_GPU_DATA.relative_to(ROOT)}/*.json"]

@@ -14,6 +14,8 @@ from urllib.parse import unquote, urldefrag, urljoin, urlparse
 import pytest
 from conftest import HTML, ROOT
 
+pytestmark = pytest.mark.book
+
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 SHOTS = ROOT / "_build" / "screenshots"
 # Flags for a sandboxed machine with no network (see the environment notes): no background traffic.

@@ -1,10 +1,12 @@
 """Benchmark the storyteller and write a JSON result with its provenance.
 
-    python -m mixprec.bench train --precision bf16-amp --size gpt2-124m --steps 50 --compile --out result.json
+    python -m mixprec.bench train --precision bf16-amp --size gpt2-124m --steps 50 --compile --record
     python -m mixprec.bench generate --precision bf16 --size tiny --out result.json
 
 ``train`` times training steps of a freshly initialised model (tokens/s, MFU on a GPU, peak memory).
 ``generate`` trains (or loads from the cache) the storyteller, then times story generation.
+``train --record`` (GPU only) writes the result where chapter 3 reads it: ``hw.recorded_dir()`` /
+``hw.result_filename("train", <device>, <precision>)``, e.g. ``train_nvidia_h100_80gb_hbm3_bf16-amp.json``.
 """
 
 from __future__ import annotations
@@ -73,19 +75,34 @@ def main(argv: list[str] | None = None) -> dict:
     t.add_argument("--block-size", type=int, default=128)
     t.add_argument("--stories", type=int, default=20_000)
     t.add_argument("--compile", action="store_true", help="torch.compile the model")
+    t.add_argument("--record", action="store_true",
+                   help="GPU only: record the result for chapter 3 as <recorded dir>/train_<device>_<precision>.json (hw.result_filename)")
     g = sub.choices["generate"]
     g.add_argument("--new-tokens", type=int, default=100)
     g.add_argument("--repeat", type=int, default=5)
     g.add_argument("--train-steps", type=int, default=1000, help="training steps of the storyteller to generate with")
     args = parser.parse_args(argv)
+    record = getattr(args, "record", False)
+    if record:
+        try:
+            hw.recording_device()  # fail before a long run, not after it
+        except RuntimeError as err:
+            sys.exit(f"{parser.prog}: cannot record: {err}")
 
-    result = {**hw.provenance(argv=["-m", "mixprec.bench", *(sys.argv[1:] if argv is None else argv)]), "benchmark": args.command}
+    command = ["-m", "mixprec.bench", *(sys.argv[1:] if argv is None else argv)]
+    result = {**hw.provenance(argv=command), "benchmark": args.command}
     result.update(run_train(args) if args.command == "train" else run_generate(args))
     text = json.dumps(result, indent=1, ensure_ascii=False)
     print(text)
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(text + "\n")
+    if record:
+        payload = {k: v for k, v in result.items() if k not in (*hw.PROVENANCE_KEYS, "compute_capability")}
+        try:
+            print("recorded", hw.record_gpu_result("train", payload, args.precision, argv=command))
+        except (RuntimeError, OSError) as err:
+            sys.exit(f"{parser.prog}: cannot record: {err}")
     return result
 
 

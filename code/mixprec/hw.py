@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import platform
+import re
 import statistics
 import time
 from collections.abc import Callable
@@ -170,9 +171,39 @@ def matmul_tflops(n: int, dtype: torch.dtype, device: str | torch.device | None 
 
 
 # --- GPU results recorded elsewhere -------------------------------------------------------------
+#
+# One home for them, inside the package (``mixprec/data/gpu/``), so that they ship with every install:
+# an editable install (the repository, the GPU workflow) reads and writes code/mixprec/data/gpu/,
+# a plain ``pip install`` (Colab) reads the copy in site-packages. MIXPREC_GPU_DATA overrides both.
 
-GPU_DATA_DIR = Path(__file__).resolve().parents[2] / "book" / "_data" / "gpu"
+GPU_DATA_ENV = "MIXPREC_GPU_DATA"
+PACKAGE_GPU_DATA = Path(__file__).resolve().parent / "data" / "gpu"
 PROVENANCE_KEYS = ("device", "torch_version", "date", "command")
+
+
+def recorded_dir() -> Path:
+    """Where recorded GPU results live: ``$MIXPREC_GPU_DATA`` if set, else ``mixprec/data/gpu/`` in the package."""
+    override = os.environ.get(GPU_DATA_ENV, "").strip()
+    return Path(override).expanduser() if override else PACKAGE_GPU_DATA
+
+
+def _slug(part: object, what: str) -> str:
+    text = re.sub(r"[^a-z0-9.+-]+", "_", str(part).strip().lower()).strip("_.")
+    if not text:
+        raise ValueError(f"{what} must contain a letter or digit, got {part!r}")
+    return text
+
+
+def result_filename(prefix: str, device_name: str, *qualifiers: object) -> str:
+    """The one naming rule for recorded results: ``<prefix>_<device>[_<qualifier>...].json``.
+
+    ``result_filename("train", "NVIDIA H100 80GB HBM3", "bf16-amp")`` is
+    ``"train_nvidia_h100_80gb_hbm3_bf16-amp.json"``: lower case, runs of anything but letters, digits,
+    ``.``, ``+`` and ``-`` become one ``_``. ``load_recorded(prefix + "_")`` finds every such file.
+    """
+    if not isinstance(prefix, str) or not re.fullmatch(r"[a-z0-9][a-z0-9_-]*", prefix) or prefix.endswith("_"):
+        raise ValueError(f"prefix must be lower-case letters, digits, '_' or '-' (not ending in '_'), got {prefix!r}")
+    return "_".join([prefix, _slug(device_name, "device_name"), *(_slug(q, "a qualifier") for q in qualifiers)]) + ".json"
 
 
 def provenance(device: str | torch.device | None = None, argv: list[str] | None = None) -> dict:
@@ -190,25 +221,74 @@ def provenance(device: str | torch.device | None = None, argv: list[str] | None 
     }
 
 
-def record_gpu_result(prefix: str, payload: dict) -> Path:
-    """Write ``book/_data/gpu/<prefix>_<device>.json``: ``payload`` plus its provenance. GPU results only."""
+def recording_device() -> DeviceInfo:
+    """The GPU that results would be recorded from; RuntimeError where there is none (check before a long run)."""
     info = device_info()
     if info.device != "cuda":
-        raise SystemExit("recording is for GPU results; this device is a CPU")
-    path = GPU_DATA_DIR / f"{prefix}_{info.name.lower().replace(' ', '_')}.json"
-    path.write_text(json.dumps({**provenance(), **payload}, indent=1, ensure_ascii=False))
+        raise RuntimeError(f"recording is for GPU results, and this machine has no CUDA GPU ({info.name}); run without --record to print the figures")
+    return info
+
+
+def record_gpu_result(prefix: str, payload: dict, *qualifiers: object, directory: str | Path | None = None,
+                      argv: list[str] | None = None) -> Path:
+    """Write ``payload`` plus its provenance to ``<recorded_dir()>/<result_filename(prefix, device, *qualifiers)>``.
+
+    GPU results only: on a machine without a CUDA GPU this raises RuntimeError (see ``recording_device``).
+    ``argv`` is the command to record (default ``sys.argv``). The file is written atomically.
+    """
+    info = recording_device()
+    if not isinstance(payload, dict):
+        raise TypeError(f"payload must be a dict, got {type(payload).__name__}")
+    clash = sorted(set(payload) & {*PROVENANCE_KEYS, "compute_capability"})
+    if clash:
+        raise ValueError(f"payload must not set provenance fields {clash}: record_gpu_result writes them")
+    directory = recorded_dir() if directory is None else Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    path = directory / result_filename(prefix, info.name, *qualifiers)
+    record = {**provenance(argv=argv), **payload}
+    _check_provenance(record, path)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(record, indent=1, ensure_ascii=False) + "\n", encoding="utf-8")
+    os.replace(tmp, path)
     return path
 
 
-def load_recorded(name: str, directory: Path | None = None) -> list[dict]:
-    """Every recorded GPU result file ``<name>*.json``; each must say where it came from."""
-    directory = GPU_DATA_DIR if directory is None else Path(directory)
+def _check_provenance(record: object, path: Path) -> None:
+    if not isinstance(record, dict):
+        raise ValueError(f"{path}: a recorded result must be a JSON object, got {type(record).__name__}")
+    missing = [k for k in PROVENANCE_KEYS if k not in record]
+    if missing:
+        raise ValueError(f"{path}: lacks provenance fields {missing} (each of {list(PROVENANCE_KEYS)} is required)")
+    bad = [k for k in PROVENANCE_KEYS if not isinstance(record[k], str) or not record[k].strip()]
+    if bad:
+        raise ValueError(f"{path}: provenance fields {bad} must be non-empty strings, got "
+                         + ", ".join(f"{k}={record[k]!r}" for k in bad))
+    cc = record.get("compute_capability")
+    if cc is not None and not (isinstance(cc, list) and len(cc) == 2 and all(isinstance(x, int) and not isinstance(x, bool) for x in cc)):
+        raise ValueError(f"{path}: compute_capability must be null or [major, minor], got {cc!r}")
+
+
+def load_recorded(name: str, directory: str | Path | None = None) -> list[dict]:
+    """Every recorded GPU result file ``<name>*.json`` in ``directory`` (default ``recorded_dir()``), sorted by file name.
+
+    Each must be a JSON object whose provenance (device, torch_version, date, command) are non-empty
+    strings; a file that is not says so, naming the file. A missing directory is an error, not "no results".
+    """
+    if not isinstance(name, str):
+        raise TypeError(f"name must be a file-name prefix (str), got {type(name).__name__}")
+    if "/" in name or "\\" in name or any(c in name for c in "*?["):
+        raise ValueError(f"name must be a plain file-name prefix such as 'train_', got {name!r}")
+    source = f" (from ${GPU_DATA_ENV})" if directory is None and os.environ.get(GPU_DATA_ENV, "").strip() else ""
+    directory = recorded_dir() if directory is None else Path(directory)
+    if not directory.is_dir():
+        raise FileNotFoundError(f"the recorded GPU results directory {directory}{source} does not exist")
     results = []
     for path in sorted(directory.glob(f"{name}*.json")):
-        record = json.loads(path.read_text())
-        missing = [k for k in PROVENANCE_KEYS if k not in record]
-        if missing:
-            raise ValueError(f"{path.name} lacks provenance fields {missing}")
+        try:
+            record = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+            raise ValueError(f"{path}: not a readable JSON file ({err})") from err
+        _check_provenance(record, path)
         results.append(record)
     return results
 
