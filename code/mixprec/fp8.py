@@ -13,7 +13,9 @@ one scale and how the scale is chosen:
 The linear-layer recipe is the usual one: activations and weights in E4M3 (more precision) for the forward
 matmul, gradients in E5M2 (more range) for the backward matmuls, each tensor scaled by its own
 current absolute maximum so that it fills the format's range ("per-tensor current scaling").
-The matmuls then accumulate in FP32, as FP8 tensor cores do.
+The emulated matmuls then accumulate in full FP32. That is optimistic: FP8 tensor cores keep fewer bits
+in their accumulator (about 14 significant bits on H800, as DeepSeek-V3 §3.3.2 measured), which is why
+DeepSeek-V3 promotes the partial sums to FP32 registers every 128 products (N_C = 128).
 """
 
 from __future__ import annotations
@@ -82,8 +84,9 @@ def quantize_mx(x: torch.Tensor, fmt: str | FloatFormat = E4M3, block: int = 32)
     """OCP Microscaling: each ``block`` consecutive values along the last dimension share a power-of-two scale.
 
     The shared exponent is floor(log2(amax)) minus the element format's largest exponent, as in the
-    MX specification, so the block's largest value lands in the format's top binade; it can round
-    up past the format's max and is then clamped (saturated).
+    MX specification, so the block's largest value lands in [2**emax, 2**(emax + 1)): [256, 512) for
+    E4M3, whose max is 448, so a block's largest values can exceed the max and are then clamped
+    (saturated). Rounding the exponent up instead would avoid the clamp but leave up to a binade unused.
     """
     fmt = get_format(fmt)
     if x.shape[-1] % block:
@@ -121,7 +124,8 @@ class DelayedScaling:
 def native_scaled_mm(a: Quantized, b: Quantized, out_dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """``torch._scaled_mm`` on FP8 operands: a (M, K) and b (N, K), each with a tensorwise or rowwise scale.
 
-    FP8 inputs, FP32 accumulation, the inverse scales applied to the result. Raises whatever the
+    FP8 inputs, the inverse scales applied to the result; the accumulator's precision is the kernel's (on
+    Hopper tensor cores, fewer bits than FP32 between promotions). Raises whatever the
     installed torch raises where it has no such kernel.
     """
     if a.fmt.torch_dtype is None or b.fmt.torch_dtype is None:
