@@ -291,12 +291,16 @@ def offline_stories(n: int = 20_000, seed: int = 0, valid_fraction: float = 0.05
     return StoryData(train, valid, f"offline grammar (seed {seed}, {n} stories)")
 
 
-def _hub_reachable(host: str = "huggingface.co", timeout: float = 3.0) -> bool:
+def hub_reachable(host: str = "huggingface.co", timeout: float = 3.0) -> bool:
+    """Whether a TCP connection to ``host`` on port 443 opens within ``timeout`` seconds (no data is sent)."""
     try:
         with socket.create_connection((host, 443), timeout=timeout):
             return True
     except OSError:
         return False
+
+
+_hub_reachable = hub_reachable  # what load_stories calls; tests replace it to stand in for the network
 
 
 def load_stories(source: str = "offline", n: int = 20_000, seed: int = 0, valid_fraction: float = 0.05) -> StoryData:
