@@ -1,21 +1,28 @@
-"""Precision policies: what a training step computes in, stores weights in, and scales the loss with.
+"""Precision policies: every decision about precision in a training (or inference) step, as data.
 
 A policy is data (``Policy``); ``get_policy(name)`` parses a name:
 
-=====================  ==========================================================================
-``fp32``               everything FP32
-``tf32``               FP32 storage; FP32 matmuls on TF32 tensor cores (CUDA Ampere+; no effect on CPU)
-``fp16-amp``           FP32 weights; autocast to FP16; ``torch.amp.GradScaler``
-``bf16-amp``           FP32 weights; autocast to BF16; no scaler needed
-``bf16-pure``          BF16 weights and compute; ``bf16-pure:stochastic`` / ``bf16-pure:kahan`` change
-                       how updates are written back (``mixprec.optim.BF16AdamW``)
-``fp16-master``        mixed precision by hand: the model in FP16, an FP32 master copy that the
-``bf16-master``        optimizer updates (``MasterWeights``); GradScaler for FP16
-``fp8``                linear layers in FP8: torchao with BF16 autocast on FP8 GPUs; emulated
-                       ``mixprec.fp8.Fp8Linear`` with FP32 elsewhere
-``emulate:<format>``   every op result, forward and backward, rounded to any ``mixprec.formats``
-                       format; FP32 master weights, rounded working copy (runs anywhere)
-=====================  ==========================================================================
+=========================  ======================================================================
+``fp32``                   everything FP32
+``tf32``                   FP32 storage; FP32 matmuls on TF32 tensor cores (CUDA Ampere+; no effect on CPU)
+``fp16-amp``               FP32 weights; the forward pass under FP16 autocast; ``torch.amp.GradScaler``
+``bf16-amp``               FP32 weights; the forward pass under BF16 autocast; no scaler needed
+``bf16-pure``              BF16 weights and compute; ``bf16-pure:stochastic`` / ``bf16-pure:kahan`` change
+                           how updates are written back (``mixprec.optim.BF16AdamW``)
+``fp16-master``            mixed precision by hand: the model in FP16, an FP32 master copy that the
+``bf16-master``            optimizer updates (``MasterWeights``); GradScaler for FP16
+``fp8``                    linear layers in FP8: torchao with BF16 autocast on FP8 GPUs; emulated
+                           ``mixprec.fp8.Fp8Linear`` with FP32 elsewhere
+``round-all:<format>``     NOT mixed precision: every op result, forward and backward, the loss and the
+                           loss-scale multiply included, rounded to any ``mixprec.formats`` format
+                           ("what if everything were FP16"); FP32 master weights, rounded working copy
+=========================  ======================================================================
+
+AMP means the same thing on every device. On a GPU, ``fp16-amp`` and ``bf16-amp`` run
+``torch.amp.autocast``. Where the hardware has no fast FP16/BF16 (a CPU), they run
+``mixprec.emulate.EmulatedAutocast`` with CUDA's op lists: the numerics a reader's GPU would
+produce, at FP32 speed. The suffixes ``:native`` (this device's own autocast, e.g. CPU FP16
+autocast, slow) and ``:cpu-lists`` (the emulation with CPU autocast's op lists) choose otherwise.
 """
 
 from __future__ import annotations
@@ -27,36 +34,135 @@ import torch
 from torch.overrides import TorchFunctionMode
 from torch.utils._pytree import tree_leaves
 
-from .emulate import EmulatedPrecision
+from .emulate import EmulatedAutocast, RoundAllOps, held_in
 from .formats import FloatFormat, get_format, round_to_format
 
-BASE_POLICIES = ("fp32", "tf32", "fp16-amp", "bf16-amp", "bf16-pure", "bf16-pure:stochastic", "bf16-pure:kahan", "fp16-master", "bf16-master", "fp8")
-POLICY_NAMES = BASE_POLICIES + ("emulate:<format>",)
+BASE_POLICIES = ("fp32", "tf32", "fp16-amp", "bf16-amp", "bf16-pure", "bf16-pure:stochastic", "bf16-pure:kahan", "fp16-master",
+                 "bf16-master", "fp8")
+AUTOCAST_VARIANTS = ("fp16-amp:native", "fp16-amp:cpu-lists", "bf16-amp:native", "bf16-amp:cpu-lists")
+POLICY_NAMES = BASE_POLICIES + AUTOCAST_VARIANTS + ("round-all:<format>",)
 
 
 @dataclass(frozen=True)
 class Policy:
+    """What one training step computes in, stores weights in, updates with and scales the loss with.
+
+    ``autocast``: how ``autocast_dtype`` is applied: ``"auto"`` (native on CUDA, emulated with
+    CUDA's op lists elsewhere), ``"native"`` (``torch.amp.autocast`` on this device),
+    ``"emulate-cuda"`` or ``"emulate-cpu"`` (``EmulatedAutocast`` with that device's op lists).
+    """
+
     name: str
-    autocast_dtype: torch.dtype | None = None  # autocast to this dtype, or no autocast
+    autocast_dtype: torch.dtype | None = None  # the forward pass runs under autocast to this dtype, or none
+    autocast: str = "auto"
     param_dtype: torch.dtype = torch.float32  # dtype the model's weights are stored in
     tf32: bool = False
-    emulate: FloatFormat | None = None
+    round_all: FloatFormat | None = None  # whole-network rounding (not AMP)
     fp8: bool = False
     update_rounding: str | None = None  # bf16-pure: "nearest", "stochastic" or "kahan"
     master_weights: bool = False  # FP32 master copy owned by the optimizer; the model holds the working copy
-    uses_scaler: bool = False  # GradScaler by default
+    uses_scaler: bool = False  # a GradScaler by default
+
+    def autocast_mode(self, device: torch.device) -> str | None:
+        """How autocast runs on ``device``: ``"native"``, ``"emulate-cuda"``, ``"emulate-cpu"``, or None."""
+        if self.autocast_dtype is None:
+            return None
+        if self.autocast == "auto":
+            return "native" if torch.device(device).type == "cuda" else "emulate-cuda"
+        return self.autocast
+
+    def forward(self, device: torch.device | str):
+        """The context the forward pass runs in: autocast, native or emulated (backward and loss stay outside)."""
+        device = torch.device(device)
+        mode = self.autocast_mode(device)
+        if mode is None:
+            return contextlib.nullcontext()
+        if mode == "native":
+            return torch.amp.autocast(device_type=device.type, dtype=self.autocast_dtype)
+        return EmulatedAutocast(self.autocast_dtype, op_lists=mode.removeprefix("emulate-"))
 
     @contextlib.contextmanager
-    def compute(self, device: torch.device):
-        """The context a forward/backward pass runs in: autocast, TF32 and emulation as the policy says."""
+    def whole_step(self, device: torch.device | str):
+        """The context the whole step (forward, loss, backward) runs in: TF32 matmuls, whole-network rounding."""
+        device = torch.device(device)
         with contextlib.ExitStack() as stack:
-            if self.autocast_dtype is not None:
-                stack.enter_context(torch.amp.autocast(device_type=device.type, dtype=self.autocast_dtype))
             if self.tf32 and device.type == "cuda":
                 stack.enter_context(_tf32_matmuls())
-            if self.emulate is not None:
-                stack.enter_context(EmulatedPrecision(self.emulate))
+            if self.round_all is not None:
+                stack.enter_context(RoundAllOps(self.round_all))
             yield
+
+    @contextlib.contextmanager
+    def compute(self, device: torch.device | str):
+        """Both contexts at once, for passes without a backward (evaluation, inference)."""
+        with self.whole_step(device), self.forward(device):
+            yield
+
+    # --- what the trainer asks the policy -----------------------------------------------------
+    def prepare(self, model: torch.nn.Module, device: torch.device) -> tuple[Policy, MasterWeights | None, list[str]]:
+        """Convert ``model`` in place for this policy; returns the policy that really runs, the master
+        weights (or None) and notes on what was done (e.g. which FP8 path)."""
+        notes, policy = [], self
+        if self.fp8:
+            from dataclasses import replace
+
+            from .fp8 import convert_to_fp8
+
+            how = convert_to_fp8(model, device)
+            notes.append(f"fp8 linears: {how}")
+            if how.startswith("native"):
+                policy = replace(self, autocast_dtype=torch.bfloat16, autocast="native")
+        if self.tf32 and device.type != "cuda":
+            notes.append("tf32 has no effect on a CPU: this run is plain fp32")
+        mode = self.autocast_mode(device)
+        if mode and mode.startswith("emulate"):
+            notes.append(f"autocast emulated ({mode.removeprefix('emulate-')} op lists): FP32 storage, {self.autocast_dtype} values")
+        master = None
+        if self.master_weights:
+            master = MasterWeights(model, self.round_all or self.param_dtype)
+        elif self.param_dtype != torch.float32:
+            model.to(self.param_dtype)
+        return policy, master, notes
+
+    def optimizer(self, params, lr: float, weight_decay: float = 0.0, betas=(0.9, 0.95), seed: int = 0) -> torch.optim.Optimizer:
+        """AdamW over ``params`` (the masters, with master weights), writing updates the way the policy says."""
+        if self.update_rounding is not None:
+            from .optim import BF16AdamW
+
+            return BF16AdamW(params, lr=lr, betas=betas, weight_decay=weight_decay, rounding=self.update_rounding, seed=seed)
+        return torch.optim.AdamW(params, lr=lr, betas=betas, weight_decay=weight_decay)
+
+    def scaler(self, device: torch.device | str, scaler=None):
+        """The loss scaler: ``scaler`` if given (``False``: none), else a GradScaler where the policy needs one.
+
+        "None" is a disabled scaler with the same interface, as ``GradScaler(enabled=False)``.
+        """
+        from .scaling import NoLossScaler
+
+        if scaler is False or (scaler is None and not self.uses_scaler):
+            return NoLossScaler()
+        if scaler is None:
+            return torch.amp.GradScaler(torch.device(device).type)
+        return scaler
+
+    def bytes_per_parameter(self) -> dict[str, float]:
+        """Bytes per parameter that live through a step with AdamW: weights (every copy), gradients,
+        optimizer state, and the cast copies of the weights that autocast caches during the forward."""
+        if self.round_all is not None:  # what the emulated format would take, were it stored natively
+            low = (1 + self.round_all.exponent_bits + self.round_all.mantissa_bits) / 8
+            return {"weights": 4 + low, "grads": 4, "optimizer": 8, "autocast_cache": 0}
+        low = torch.finfo(self.param_dtype).bits / 8
+        if self.master_weights:
+            # grads_to_master converts one gradient at a time and frees the low-precision one: the
+            # peak is the FP32 gradients plus one tensor, not both full sets
+            return {"weights": 4 + low, "grads": 4, "optimizer": 8, "autocast_cache": 0}
+        if self.update_rounding is not None:
+            # BF16AdamW keeps FP32 moments (8 bytes); Kahan adds a BF16 compensation buffer
+            return {"weights": low, "grads": low, "optimizer": 8 + (2 if self.update_rounding == "kahan" else 0), "autocast_cache": 0}
+        cache = {None: 0, torch.float16: 2, torch.bfloat16: 2}[self.autocast_dtype]
+        if self.fp8:
+            cache = 1  # the FP8 copy of each linear weight, made for the forward pass
+        return {"weights": 4, "grads": 4, "optimizer": 8, "autocast_cache": cache}
 
 
 @contextlib.contextmanager
@@ -69,24 +175,26 @@ def _tf32_matmuls():
         torch.backends.cuda.matmul.fp32_precision = previous
 
 
+def _autocast_policy(name: str, dtype: torch.dtype, autocast: str) -> Policy:
+    return Policy(name, autocast_dtype=dtype, autocast=autocast, uses_scaler=dtype == torch.float16)
+
+
 def get_policy(name: str | Policy) -> Policy:
     """The policy called ``name``; unknown names fail with the list of valid ones."""
     if isinstance(name, Policy):
         return name
     if not isinstance(name, str):
         raise TypeError(f"precision must be a policy name, got {type(name).__name__}")
-    if name.startswith("emulate:"):
+    if name.startswith("round-all:"):
         try:
-            fmt = get_format(name.removeprefix("emulate:"))
+            fmt = get_format(name.removeprefix("round-all:"))
             round_to_format(torch.zeros(1), fmt)  # fails for formats float32 cannot emulate
         except ValueError as error:
             raise ValueError(f"{name!r}: {error}") from None
-        return Policy(name, emulate=fmt, master_weights=True)
+        return Policy(name, round_all=fmt, master_weights=True)
     policies = {
         "fp32": Policy("fp32"),
         "tf32": Policy("tf32", tf32=True),
-        "fp16-amp": Policy("fp16-amp", autocast_dtype=torch.float16, uses_scaler=True),
-        "bf16-amp": Policy("bf16-amp", autocast_dtype=torch.bfloat16),
         "bf16-pure": Policy("bf16-pure", param_dtype=torch.bfloat16, update_rounding="nearest"),
         "bf16-pure:stochastic": Policy("bf16-pure:stochastic", param_dtype=torch.bfloat16, update_rounding="stochastic"),
         "bf16-pure:kahan": Policy("bf16-pure:kahan", param_dtype=torch.bfloat16, update_rounding="kahan"),
@@ -94,8 +202,12 @@ def get_policy(name: str | Policy) -> Policy:
         "bf16-master": Policy("bf16-master", param_dtype=torch.bfloat16, master_weights=True),
         "fp8": Policy("fp8", fp8=True),
     }
+    for prefix, dtype in (("fp16", torch.float16), ("bf16", torch.bfloat16)):
+        for suffix, autocast in (("", "auto"), (":native", "native"), (":cpu-lists", "emulate-cpu")):
+            policies[f"{prefix}-amp{suffix}"] = _autocast_policy(f"{prefix}-amp{suffix}", dtype, autocast)
     if name not in policies:
-        raise ValueError(f"unknown precision {name!r}; valid: {', '.join(POLICY_NAMES)} (e.g. 'emulate:fp16', 'emulate:e4m3fn')")
+        hint = " (whole-network rounding is now 'round-all:<format>')" if name.startswith("emulate:") else ""
+        raise ValueError(f"unknown precision {name!r}{hint}; valid: {', '.join(POLICY_NAMES)} (e.g. 'round-all:fp16', 'round-all:e4m3fn')")
     return policies[name]
 
 
@@ -207,29 +319,23 @@ def _float_dtypes(tree) -> list[str]:
 
 # --- memory -----------------------------------------------------------------------------------
 
-# Bytes per parameter for each component, per policy, with AdamW (two moments per parameter).
-# "weights" counts every copy that lives through the step: the FP32 master and, where there is one,
-# the low-precision working copy (autocast's cast-weight cache lives only through the forward pass,
-# so it is listed separately). Activations depend on batch and sequence length, not on N:
-# measure them with ``saved_activation_bytes``.
-BYTES_PER_PARAMETER: dict[str, dict[str, float]] = {
-    "fp32": {"weights": 4, "grads": 4, "optimizer": 8, "autocast_cache": 0},
-    "fp16-amp": {"weights": 4, "grads": 4, "optimizer": 8, "autocast_cache": 2},
-    "bf16-amp": {"weights": 4, "grads": 4, "optimizer": 8, "autocast_cache": 2},
-    "fp16-master": {"weights": 4 + 2, "grads": 2 + 4, "optimizer": 8, "autocast_cache": 0},
-    "bf16-master": {"weights": 4 + 2, "grads": 2 + 4, "optimizer": 8, "autocast_cache": 0},
-    # mixprec.optim.BF16AdamW keeps FP32 moments (8 bytes); torch.optim.AdamW on BF16 parameters keeps BF16 ones (4)
-    "bf16-pure": {"weights": 2, "grads": 2, "optimizer": 8, "autocast_cache": 0},
-}
+MEMORY_POLICIES = BASE_POLICIES + ("round-all:fp16", "round-all:bf16")
+
+# Bytes per parameter for each component, per policy, with AdamW (two moments per parameter); the
+# policies own it (``Policy.bytes_per_parameter``). Activations depend on batch and sequence length,
+# not on N: measure them with ``saved_activation_bytes``.
+BYTES_PER_PARAMETER: dict[str, dict[str, float]] = {name: get_policy(name).bytes_per_parameter() for name in MEMORY_POLICIES}
 
 
-def memory_breakdown(n_params: int, policy: str) -> dict[str, float]:
+def memory_breakdown(n_params: int, policy: str | Policy) -> dict[str, float]:
     """Bytes for weights, gradients, optimizer state and autocast's weight cache, for ``n_params`` parameters."""
-    if policy not in BYTES_PER_PARAMETER:
-        raise ValueError(f"no memory model for {policy!r}; known: {', '.join(BYTES_PER_PARAMETER)}")
-    if n_params < 0:
-        raise ValueError(f"n_params must be >= 0, got {n_params}")
-    return {k: v * n_params for k, v in BYTES_PER_PARAMETER[policy].items()}
+    if isinstance(n_params, bool) or not isinstance(n_params, int) or n_params < 0:
+        raise ValueError(f"n_params must be an integer >= 0, got {n_params!r}")
+    try:
+        per_parameter = get_policy(policy).bytes_per_parameter()
+    except ValueError as error:
+        raise ValueError(f"no memory model for {policy!r}: {error}") from None
+    return {k: v * n_params for k, v in per_parameter.items()}
 
 
 def saved_activation_bytes(model: torch.nn.Module, input_ids: torch.Tensor, policy: str | Policy = "fp32") -> int:
@@ -246,11 +352,12 @@ def saved_activation_bytes(model: torch.nn.Module, input_ids: torch.Tensor, poli
 
     def pack(t: torch.Tensor):
         storage = t.untyped_storage()
-        if storage.data_ptr() not in params:
-            seen[storage.data_ptr()] = storage.nbytes()
+        if storage.data_ptr() not in params:  # emulated autocast stores low-precision values in float32: count what it emulates
+            seen[storage.data_ptr()] = storage.nbytes() * held_in(t).itemsize // t.dtype.itemsize
         return t
 
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), policy.compute(device):
-        logits = model(input_ids.to(device)).logits
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), policy.whole_step(device):
+        with policy.forward(device):
+            logits = model(input_ids.to(device)).logits
         logits.float().logsumexp(-1).mean()  # the loss's own saved tensors: a log-softmax over the vocabulary
     return sum(seen.values())

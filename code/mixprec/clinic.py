@@ -25,14 +25,15 @@ one, and both report whether the model learned the task.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .amp import MasterWeights
+from .amp import get_policy
 from .debug import NonFinite, trace_nonfinite
+from .step import TrainHistory, train_step
 
 VOCAB = 32  # token 0 is padding
 MAX_LEN = 12
@@ -269,19 +270,14 @@ class ClinicModel(nn.Module):
 # --- training -----------------------------------------------------------------------------------
 
 @dataclass
-class CaseRun:
-    case: str
-    fixed: bool
-    loss: list[float] = field(default_factory=list)
-    skipped: list[bool] = field(default_factory=list)
-    loss_scale: list[float] = field(default_factory=list)
+class CaseRun(TrainHistory):
+    """A clinic run: the training history every trainer keeps, plus what the case is about."""
+
+    case: str = ""
+    fixed: bool = False
     accuracy: float = float("nan")  # on held-out sequences, at the end, in the run's precision
     first_failure: NonFinite | None = None  # what the tracer found on the first step with an inf or NaN
     failure_step: int | None = None
-
-    @property
-    def skipped_fraction(self) -> float:
-        return sum(self.skipped) / len(self.skipped) if self.skipped else float("nan")
 
     @property
     def trained(self) -> bool:
@@ -293,8 +289,10 @@ class CaseRun:
 
 def run_case(case: str, fixed: bool, steps: int = 300, batch_size: int = 64, seed: int = 0, device: str | torch.device = "cpu",
              trace: bool = True, progress: bool = False, norm_fn=None) -> CaseRun:
-    """Train the case's model (broken, or with its fix) and report what happened.
+    """Train the case's model (broken, or with its fix) with ``mixprec.step.train_step`` and report what happened.
 
+    "fp16 model" cases run the ``fp16-master`` policy; autocast cases run ``fp16-amp:native``, this
+    device's own autocast, because ``torch.amp.custom_fwd`` (the custom-op fix) reacts to real autocast.
     trace: before each step, until one is found, run its forward and backward once more without
         loss scaling under ``debug.trace_nonfinite``: the first inf or NaN anywhere, even one that
         later ops hide, goes into ``first_failure``.
@@ -309,22 +307,17 @@ def run_case(case: str, fixed: bool, steps: int = 300, batch_size: int = 64, see
     else:
         model = ClinicModel(None if fixed else case, seed=seed).to(device)
     lr = spec.fixed_lr if fixed and spec.fixed_lr else spec.lr
-    if spec.precision == "fp16-model":
-        master = MasterWeights(model, torch.float16)
-        params, autocast = master.master, None
-    else:
-        master, params = None, list(model.parameters())
-        autocast = torch.float16
-    optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
-    scaler = torch.amp.GradScaler(device.type)
+    policy = get_policy("fp16-master" if spec.precision == "fp16-model" else "fp16-amp:native")
+    policy, master, _ = policy.prepare(model, device)
+    optimizer = policy.optimizer(master.master if master else model.parameters(), lr=lr, betas=(0.9, 0.999))
+    scaler = policy.scaler(device)
     generator = torch.Generator().manual_seed(seed)
-    run = CaseRun(case, fixed)
+    run = CaseRun(policy.name, device=device.type, parameters=sum(p.numel() for p in model.parameters()), case=case, fixed=fixed)
 
-    def forward_backward(x, y, scaled=True):
-        with torch.amp.autocast(device.type, dtype=autocast or torch.float16, enabled=autocast is not None):
-            loss = model.loss(model(x), y)
-        (scaler.scale(loss) if scaled else loss).backward()
-        return loss
+    def forward_backward_unscaled(x, y):
+        with policy.forward(device):
+            output = model(x)
+        model.loss(output, y).backward()
 
     bar = None
     if progress:
@@ -335,28 +328,16 @@ def run_case(case: str, fixed: bool, steps: int = 300, batch_size: int = 64, see
         x, y = (t.to(device) for t in make_batch(batch_size, generator))
         if trace and run.first_failure is None:
             # Traced without loss scaling: the scaler's own overflows while it calibrates are not the bug.
-            run.first_failure = trace_nonfinite(model, lambda x=x, y=y: forward_backward(x, y, scaled=False))
+            run.first_failure = trace_nonfinite(model, lambda x=x, y=y: forward_backward_unscaled(x, y))
             run.failure_step = step if run.first_failure is not None else None
             model.zero_grad(set_to_none=True)
-        loss = forward_backward(x, y)
-        if master is not None:
-            master.grads_to_master()
-        run.loss_scale.append(scaler.get_scale())
-        scaler.unscale_(optimizer)
-        grad_norm = torch.nn.utils.clip_grad_norm_(params, 1.0)
-        scaler.step(optimizer)  # skips the update when a gradient is inf or NaN, i.e. when the norm is
-        scaler.update()
-        run.skipped.append(not math.isfinite(grad_norm.item()))
-        run.loss.append(loss.item())
-        optimizer.zero_grad(set_to_none=True)
-        if master is not None:
-            master.to_working()
+        run.append(train_step(model, x, y, model.loss, optimizer, policy, scaler, device, clip=1.0, master=master))
         if bar is not None:
             bar.update(1)
     if bar is not None:
         bar.close()
     x, y = (t.to(device) for t in make_batch(1024, torch.Generator().manual_seed(seed + 1)))
-    with torch.no_grad(), torch.amp.autocast(device.type, dtype=autocast or torch.float16, enabled=autocast is not None):
+    with torch.no_grad(), policy.forward(device):
         logits = model(x)
     run.accuracy = float((logits.argmax(-1) == y).float().mean()) if bool(torch.isfinite(logits).all()) else 0.0
     return run

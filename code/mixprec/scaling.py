@@ -22,6 +22,38 @@ import torch
 from .formats import FloatFormat, get_format, round_to_format
 
 
+class NoLossScaler:
+    """No loss scaling, with the scaler interface: as ``torch.amp.GradScaler(enabled=False)``, every
+    method passes through, so a training step has one code path with or without scaling."""
+
+    def scale(self, outputs):
+        return outputs
+
+    def unscale_(self, optimizer: torch.optim.Optimizer) -> None:
+        pass
+
+    def step(self, optimizer: torch.optim.Optimizer, *args, **kwargs):
+        return optimizer.step(*args, **kwargs)
+
+    def update(self) -> None:
+        pass
+
+    def get_scale(self) -> float:
+        return 1.0  # what GradScaler(enabled=False).get_scale() returns
+
+    def is_enabled(self) -> bool:
+        return False
+
+    def state_dict(self) -> dict:
+        return {}
+
+    def load_state_dict(self, state: dict) -> None:
+        pass
+
+    def __repr__(self) -> str:
+        return "NoLossScaler()"
+
+
 class StaticLossScaler:
     """A fixed loss scale. Steps with an inf or NaN gradient are still skipped; the scale never changes."""
 
@@ -69,6 +101,9 @@ class StaticLossScaler:
 
     def get_scale(self) -> float:
         return float(self._scale)
+
+    def is_enabled(self) -> bool:
+        return True
 
     def state_dict(self) -> dict:
         return {"scale": self.get_scale()}
@@ -162,24 +197,23 @@ def scaler_trajectory(scaler, steps: int = 300, poison: dict[int, float] | None 
     ``poison`` maps step numbers to a value (inf or NaN) planted in one gradient at that step, as an
     overflow would. Two scalers that behave alike give equal trajectories and bit-identical models.
     """
+    from .amp import get_policy
+    from .step import train_step
+
     generator = torch.Generator().manual_seed(seed)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         model = torch.nn.Sequential(torch.nn.Linear(6, 16), torch.nn.Tanh(), torch.nn.Linear(16, 1))
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    fp32, cpu = get_policy("fp32"), torch.device("cpu")
     log = []
     for step in range(steps):
         x = torch.randn(8, 6, generator=generator)
-        loss = model(x).pow(2).mean()
-        scaler.scale(loss).backward()
-        if poison and step in poison:
-            model[0].weight.grad[0, 0] = poison[step]
-        before = [p.detach().clone() for p in model.parameters()]
-        scaler.unscale_(optimizer)
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        scaler.step(optimizer)
-        scale = scaler.get_scale()
-        scaler.update()
-        log.append((scale, any(not torch.equal(b, p) for b, p in zip(before, model.parameters()))))
-        optimizer.zero_grad(set_to_none=True)
+
+        def plant(m, step=step):
+            if poison and step in poison:
+                m[0].weight.grad[0, 0] = poison[step]
+
+        result = train_step(model, x, None, lambda out, _: out.pow(2).mean(), optimizer, fp32, scaler, cpu, after_backward=plant)
+        log.append((result.loss_scale, not result.skipped))
     return log, model

@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 
 from ..cache import cache_key
+from ..step import TrainHistory
 from .corpus import GrammarScore, StoryData, generate_stories, grammar_score, load_stories, split_sentences
 from .data import TokenData, encode
 from .generate import Generation, InferenceModel, for_inference, generate
@@ -15,7 +16,7 @@ from .inference import AdaptiveGenerator, GenerationTiming, PrecisionProfile, co
 from .metrics import distinct_n, greedy_agreement, next_token_kl, next_token_logits, perplexity, token_entropy, token_kl, unigram_entropy
 from .model import SIZES, build_model, count_parameters, load_pretrained_gpt2
 from .tokenizer import train_tokenizer
-from .train import TrainHistory, evaluate, gradient_sample, train
+from .train import evaluate, gradient_sample, train
 
 __all__ = [
     "SIZES", "AdaptiveGenerator", "GenerationTiming", "PrecisionProfile", "count_generated", "next_token_logits", "time_generation",

@@ -10,35 +10,29 @@ from __future__ import annotations
 import contextlib
 import copy
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
-from ..emulate import EmulatedPrecision
-from ..formats import E4M3, get_format
+from ..amp import AUTOCAST_VARIANTS, Policy, get_policy
+from ..formats import E4M3
 
-INFERENCE_PRECISIONS = ("fp32", "fp16", "bf16", "fp16-amp", "bf16-amp", "fp8-weight", "emulate:<format>")
+INFERENCE_PRECISIONS = ("fp32", "fp16", "bf16", "fp16-amp", "bf16-amp", *AUTOCAST_VARIANTS, "fp8-weight", "round-all:<format>")
 
 
 @dataclass
 class InferenceModel:
-    """A model ready to run at one precision: the model (maybe a converted copy) and the context to run it in."""
+    """A model ready to run at one precision: the model (maybe a converted copy) and the policy to run it under."""
 
     model: torch.nn.Module
     precision: str
-    emulate: str | None = None
-    autocast_dtype: torch.dtype | None = None
+    policy: Policy = field(default_factory=lambda: get_policy("fp32"))
 
     @contextlib.contextmanager
     def context(self):
-        """Inference mode, plus autocast or emulation where the precision asks for it."""
+        """Inference mode, plus the policy's autocast (native or emulated) or rounding."""
         device = next(self.model.parameters()).device
-        with contextlib.ExitStack() as stack:
-            stack.enter_context(torch.inference_mode())
-            if self.autocast_dtype is not None:
-                stack.enter_context(torch.amp.autocast(device_type=device.type, dtype=self.autocast_dtype))
-            if self.emulate is not None:
-                stack.enter_context(EmulatedPrecision(self.emulate))
+        with torch.inference_mode(), self.policy.compute(device):
             yield
 
 
@@ -46,20 +40,23 @@ def for_inference(model: torch.nn.Module, precision: str = "fp32") -> InferenceM
     """``model`` prepared for inference at ``precision``; the caller's model is never modified.
 
     ``fp16``/``bf16``: a copy with all weights converted (pure low precision).
-    ``fp16-amp``/``bf16-amp``: the model itself, run under autocast.
+    ``fp16-amp``/``bf16-amp`` (and their ``:native``/``:cpu-lists`` variants): the model itself, run
+    under the policy's autocast, native on a GPU, emulated elsewhere (see ``mixprec.amp``).
     ``fp8-weight``: a copy whose weight matrices are rounded to E4M3 with one scale per tensor
     (weight-only FP8, emulated; activations stay FP32).
-    ``emulate:<format>``: the model itself, every op result rounded to the format.
+    ``round-all:<format>``: the model itself, every op result rounded to the format.
     """
     if isinstance(model, InferenceModel):
         return model
+    if not isinstance(precision, str):
+        raise TypeError(f"precision must be a string, one of {', '.join(INFERENCE_PRECISIONS)}; got {type(precision).__name__}")
     if precision == "fp32":
         return InferenceModel(model, precision)
     if precision in ("fp16", "bf16"):
         dtype = torch.float16 if precision == "fp16" else torch.bfloat16
         return InferenceModel(copy.deepcopy(model).to(dtype), precision)
-    if precision in ("fp16-amp", "bf16-amp"):
-        return InferenceModel(model, precision, autocast_dtype=torch.float16 if precision == "fp16-amp" else torch.bfloat16)
+    if precision in ("fp16-amp", "bf16-amp", *AUTOCAST_VARIANTS) or precision.startswith("round-all:"):
+        return InferenceModel(model, precision, get_policy(precision))
     if precision == "fp8-weight":
         from ..fp8 import quantize_tensorwise
 
@@ -69,9 +66,6 @@ def for_inference(model: torch.nn.Module, precision: str = "fp32") -> InferenceM
                 if p.dim() == 2:
                     p.copy_(quantize_tensorwise(p, E4M3).dequantize())
         return InferenceModel(quantized, precision)
-    if precision.startswith("emulate:"):
-        fmt = get_format(precision.removeprefix("emulate:")).name
-        return InferenceModel(model, precision, emulate=fmt)
     raise ValueError(f"unknown inference precision {precision!r}; valid: {', '.join(INFERENCE_PRECISIONS)}")
 
 

@@ -1,14 +1,7 @@
-"""The training loop, the same for every precision policy.
+"""The storyteller's training loop: batches, schedule, evaluation and timing around ``mixprec.step.train_step``.
 
-One step, in the order that matters for mixed precision:
-
-1. forward and loss under the policy's context (autocast, TF32, emulation); the loss itself is
-   computed in FP32 from the logits;
-2. backward of the scaled loss (scaled only when there is a loss scaler);
-3. unscale the gradients *before* clipping, so the clipping threshold means what it says;
-4. the scaler's step skips the update when a gradient is inf or NaN, and its update adjusts the scale;
-5. the learning-rate schedule advances only when the optimizer really stepped: a skipped step
-   must not eat into the warm-up or the cosine decay.
+Every precision question is the policy's (``mixprec.amp``); every step is ``train_step``'s. This
+file only feeds batches, times steps and evaluates.
 """
 
 from __future__ import annotations
@@ -16,51 +9,14 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field, replace
 
 import torch
 import torch.nn.functional as F
 
 from .. import hw
-from ..amp import MasterWeights, Policy, get_policy
-from ..fp8 import convert_to_fp8
-from ..optim import BF16AdamW
+from ..amp import Policy, get_policy
+from ..step import TrainHistory, train_step
 from .data import TokenData
-
-
-@dataclass
-class TrainHistory:
-    """Everything a training run measured, one entry per step (and per evaluation)."""
-
-    precision: str
-    device: str
-    parameters: int
-    tokens_per_step: int
-    step: list[int] = field(default_factory=list)
-    loss: list[float] = field(default_factory=list)
-    grad_norm: list[float] = field(default_factory=list)  # before clipping, after unscaling
-    loss_scale: list[float | None] = field(default_factory=list)
-    skipped: list[bool] = field(default_factory=list)
-    lr: list[float] = field(default_factory=list)
-    step_time: list[float] = field(default_factory=list)  # seconds
-    tokens_per_s: list[float] = field(default_factory=list)
-    peak_memory: list[int | None] = field(default_factory=list)  # bytes, GPU only
-    mfu: list[float | None] = field(default_factory=list)  # model FLOPs utilisation, GPU only
-    val_step: list[int] = field(default_factory=list)
-    val_loss: list[float] = field(default_factory=list)
-    notes: list[str] = field(default_factory=list)
-
-    @property
-    def final_val_loss(self) -> float | None:
-        return self.val_loss[-1] if self.val_loss else None
-
-    def median_tokens_per_s(self, skip_first: int = 2) -> float:
-        """Median throughput, leaving out the first steps (warm-up, compilation)."""
-        rates = self.tokens_per_s[skip_first:] or self.tokens_per_s
-        return sorted(rates)[len(rates) // 2]
-
-    def as_dict(self) -> dict:
-        return asdict(self)
 
 
 def warmup_cosine(warmup: int, total: int, min_ratio: float = 0.1) -> Callable[[int], float]:
@@ -91,6 +47,11 @@ def cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     return F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), targets.reshape(-1))
 
 
+def lm_loss(output, targets: torch.Tensor) -> torch.Tensor:
+    """``cross_entropy`` of a transformers model output (its ``.logits``) against the next tokens."""
+    return cross_entropy(output.logits, targets)
+
+
 @torch.no_grad()
 def evaluate(model: torch.nn.Module, batches, policy: Policy | str = "fp32", device: torch.device | str | None = None) -> float:
     """Mean loss over ``batches`` (from ``TokenData.eval_windows``), run under the policy's compute context."""
@@ -100,8 +61,10 @@ def evaluate(model: torch.nn.Module, batches, policy: Policy | str = "fp32", dev
     model.eval()
     total, count = 0.0, 0
     for x, y in batches:
-        with policy.compute(device):
-            loss = cross_entropy(model(x.to(device)).logits, y.to(device))
+        with policy.whole_step(device):
+            with policy.forward(device):
+                output = model(x.to(device))
+            loss = lm_loss(output, y.to(device))
         total += loss.item() * y.numel()
         count += y.numel()
     model.train(was_training)
@@ -131,12 +94,12 @@ def train(
 ) -> TrainHistory:
     """Train ``model`` in place on ``data`` under a precision policy; returns the ``TrainHistory``.
 
-    precision: a name from ``mixprec.amp.POLICY_NAMES``, e.g. ``"bf16-amp"`` or ``"emulate:fp16"``.
-        ``bf16-pure`` and ``*-master`` convert the model's weights to low precision, ``emulate:*``
+    precision: a name from ``mixprec.amp.POLICY_NAMES``, e.g. ``"bf16-amp"`` or ``"round-all:fp16"``.
+        ``bf16-pure`` and ``*-master`` convert the model's weights to low precision, ``round-all:*``
         rounds them, and ``fp8`` replaces its linear layers: pass a copy if you need the original.
     scaler: a loss scaler with the ``torch.amp.GradScaler`` interface (scale, unscale_, step, update,
         get_scale). None: the policy's default (a GradScaler for ``fp16-amp``, none otherwise).
-        False: no scaling, even for ``fp16-amp``.
+        False: no scaling, even for ``fp16-amp`` (a disabled scaler, ``NoLossScaler``).
     lr, weight_decay: the defaults suit the ``tiny`` size; ``story.SIZES[size]`` has settings for the others.
     eval_every: evaluate on the validation windows every this many steps (and always at the end).
     after_backward: called as ``after_backward(step, model)`` between backward and unscaling; a hook
@@ -147,34 +110,16 @@ def train(
         raise ValueError(f"need steps >= 1, batch_size >= 1 and block_size >= 2; got {steps}, {batch_size}, {block_size}")
     if block_size > model.config.n_positions:
         raise ValueError(f"block_size {block_size} exceeds the model's n_positions {model.config.n_positions}")
-    device = torch.device(device) if device is not None else torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(device) if device is not None else hw.default_device()
     torch.manual_seed(seed)
     model.to(device).train()
     history = TrainHistory(policy.name, hw.device_info(device).name, sum(p.numel() for p in model.parameters()), batch_size * block_size)
-
-    master = None
-    if policy.fp8:
-        how = convert_to_fp8(model, device)
-        history.notes.append(f"fp8 linears: {how}")
-        if how.startswith("native"):
-            policy = replace(policy, autocast_dtype=torch.bfloat16)
-    if policy.tf32 and device.type != "cuda":
-        history.notes.append("tf32 has no effect on a CPU: this run is plain fp32")
-    if policy.master_weights:
-        master = MasterWeights(model, policy.emulate or policy.param_dtype)
-        optimizer = torch.optim.AdamW(master.master, lr=lr, betas=(0.9, 0.95), weight_decay=weight_decay)
-    elif policy.param_dtype == torch.bfloat16:
-        model.to(torch.bfloat16)
-        optimizer = BF16AdamW(model.parameters(), lr=lr, betas=(0.9, 0.95), weight_decay=weight_decay, rounding=policy.update_rounding, seed=seed)
-    else:
-        optimizer = torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.95), weight_decay=weight_decay)
-    optimized = [p for group in optimizer.param_groups for p in group["params"]]
+    policy, master, notes = policy.prepare(model, device)
+    history.notes.extend(notes)
+    optimizer = policy.optimizer(master.master if master else model.parameters(), lr=lr, weight_decay=weight_decay, seed=seed)
     warmup = max(1, steps // 10) if warmup is None else warmup
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(warmup, steps, min_lr_ratio))
-    if scaler is None:
-        scaler = torch.amp.GradScaler(device.type) if policy.uses_scaler else None
-    elif scaler is False:
-        scaler = None
+    scaler = policy.scaler(device, scaler)
     forward = torch.compile(model) if compile else model
 
     peak = hw.peak_tflops(history.device, "fp8" if policy.fp8 else _peak_dtype(policy)) if device.type == "cuda" else None
@@ -188,43 +133,14 @@ def train(
             torch.cuda.synchronize(device)
             torch.cuda.reset_peak_memory_stats(device)
         start = time.perf_counter()
-        with policy.compute(device):
-            loss = cross_entropy(forward(x).logits, y)
-            (scaler.scale(loss) if scaler else loss).backward()
-        if after_backward is not None:
-            after_backward(step, model)
-        if master is not None:
-            master.grads_to_master()
-        if scaler:
-            scaler.unscale_(optimizer)
-        grad_norm = torch.nn.utils.clip_grad_norm_(optimized, clip).item()
-        scale = scaler.get_scale() if scaler else None
-        skipped = scaler is not None and not math.isfinite(grad_norm)
-        if scaler:
-            scaler.step(optimizer)
-            scaler.update()
-        else:
-            optimizer.step()
-        current_lr = optimizer.param_groups[0]["lr"]
-        if not skipped:
-            schedule.step()
-        optimizer.zero_grad(set_to_none=True)
-        if master is not None:
-            master.to_working()
+        hook = (lambda m, step=step: after_backward(step, m)) if after_backward else None
+        result = train_step(forward, x, y, lm_loss, optimizer, policy, scaler, device, clip=clip, master=master, schedule=schedule,
+                            after_backward=hook)
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         elapsed = time.perf_counter() - start
-
-        history.step.append(step)
-        history.loss.append(loss.item())
-        history.grad_norm.append(grad_norm)
-        history.loss_scale.append(scale)
-        history.skipped.append(skipped)
-        history.lr.append(current_lr)
-        history.step_time.append(elapsed)
-        history.tokens_per_s.append(history.tokens_per_step / elapsed)
-        history.peak_memory.append(torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None)
-        history.mfu.append(flops * history.tokens_per_s[-1] / (peak * 1e12) if peak else None)
+        history.append(result, elapsed, torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None,
+                       flops * history.tokens_per_step / elapsed / (peak * 1e12) if peak else None)
         if (eval_every and (step + 1) % eval_every == 0) or step == steps - 1:
             history.val_step.append(step)
             history.val_loss.append(evaluate(model, eval_set, policy, device))
