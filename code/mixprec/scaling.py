@@ -217,3 +217,27 @@ def scaler_trajectory(scaler, steps: int = 300, poison: dict[int, float] | None 
         result = train_step(model, x, None, lambda out, _: out.pow(2).mean(), optimizer, fp32, scaler, cpu, after_backward=plant)
         log.append((result.loss_scale, not result.skipped))
     return log, model
+
+
+def first_overflowing_scale(model: torch.nn.Module, inputs, targets, loss_fn, policy="fp16-amp", exponents=range(0, 41),
+                            device: torch.device | str = "cpu") -> int | None:
+    """The smallest ``e`` in ``exponents`` for which a loss scale of 2**e makes some gradient inf or NaN.
+
+    Measured, not predicted: one forward and backward per scale, under ``policy`` (a name or a
+    ``mixprec.amp.Policy``), exactly as ``mixprec.step.train_step`` runs them. None if no scale in
+    ``exponents`` overflows. The model's weights are not changed; its gradients are cleared.
+    """
+    from .amp import get_policy
+
+    policy, device = get_policy(policy), torch.device(device)
+    for e in exponents:
+        model.zero_grad(set_to_none=True)
+        with policy.whole_step(device):
+            with policy.forward(device):
+                output = model(inputs)
+            (loss_fn(output, targets) * 2.0**e).backward()
+        finite = all(bool(torch.isfinite(p.grad).all()) for p in model.parameters() if p.grad is not None)
+        model.zero_grad(set_to_none=True)
+        if not finite:
+            return e
+    return None
