@@ -164,3 +164,14 @@ def test_clear_errors():
         F.encode(0.1, "fp16")
     with pytest.raises(ValueError, match="codes are integers"):
         F.decode(70000, "fp16")
+
+
+def test_zone_edges_are_where_rounding_changes_zone():
+    from mixprec.formats import zone_edges, zone_fractions
+
+    for name in ("fp16", "bf16", "e4m3fn", "e5m2"):
+        edges = {k: 2.0**v for k, v in zone_edges(name).items()}
+        probe = torch.tensor([edges["flushed_below"], edges["flushed_below"] * 1.01, edges["normal_from"], edges["overflow_from"] * 0.999,
+                              edges["overflow_from"] * 1.001], dtype=torch.float64).float()
+        zones = [max(zone_fractions(v.view(1), 1.0, name).items(), key=lambda kv: kv[1])[0] for v in probe]
+        assert zones == ["flushed", "subnormal", "normal", "normal", "overflow"], (name, zones)

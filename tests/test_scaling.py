@@ -3,7 +3,8 @@ import math
 
 import pytest
 import torch
-from mixprec.scaling import DynamicLossScaler, StaticLossScaler, scaler_trajectory, zone_fractions
+from mixprec.formats import zone_fractions
+from mixprec.scaling import DynamicLossScaler, StaticLossScaler, scaler_trajectory
 
 
 def test_dynamic_scaler_matches_gradscaler_bit_for_bit():

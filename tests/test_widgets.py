@@ -53,7 +53,7 @@ console.log(JSON.stringify(out));
 
 @pytest.mark.skipif(shutil.which("node") is None, reason="node is not installed")
 def test_scale_explorer_zones_match_python(tmp_path):
-    from mixprec.scaling import zone_fractions
+    from mixprec.formats import zone_fractions
     from mixprec.widgets import LossScaleExplorer, scale_explorer_script, scale_histogram
 
     # one value inside each binade from 2**-40 to 2**20, and some zeros

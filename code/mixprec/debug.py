@@ -22,8 +22,7 @@ from torch.overrides import TorchFunctionMode
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
-from .formats import FloatFormat, get_format
-from .scaling import zone_fractions
+from .formats import FloatFormat, get_format, zone_edges, zone_fractions
 
 OUTSIDE = "(模型之外)"  # ops run outside every module of the model, e.g. the loss
 _MODULE_TAG = "mixprec_module"
@@ -296,16 +295,14 @@ def plot_log2_histogram(tensors: dict[str, torch.Tensor], fmt: str | FloatFormat
     f = get_format(fmt)
     if ax is None:
         _, ax = plt.subplots(figsize=(7, 3.2))
-    lo, hi = math.log2(f.min_subnormal), math.log2(f.max)
     for name, t in tensors.items():
         v = t.detach().float().flatten()
         v = v[torch.isfinite(v) & (v != 0)].abs().log2()
         if v.numel():
             ax.hist(v.numpy(), bins=bins, histtype="step", linewidth=1.3, label=name, density=True)
-    left = min(ax.get_xlim()[0], lo - 2)
-    ax.axvspan(left, lo - 1, color="#d62728", alpha=0.12, label=plots.label(f"{f.name} 中变成 0", f"zero in {f.name}"))
-    ax.axvspan(lo - 1, math.log2(f.min_normal), color="#ff7f0e", alpha=0.12, label=plots.label("次正规数", "subnormal"))
-    ax.axvspan(hi, max(ax.get_xlim()[1], hi + 1), color="#9467bd", alpha=0.12, label=plots.label("溢出", "overflow"))
+    edges = zone_edges(f)
+    left, right = ax.get_xlim()
+    plots.shade_zones(ax, f, left=min(left, edges["flushed_below"] - 1), right=max(right, edges["overflow_from"] + 1), normal=False)
     ax.set(xlabel="log₂|x|", ylabel=plots.label("密度", "density"))
     ax.legend(fontsize=7)
     return ax

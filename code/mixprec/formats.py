@@ -369,3 +369,45 @@ def _round_magnitude_narrow_exponent(x, out, fmt: FloatFormat, rounding: Roundin
     floor = torch.floor(scaled)
     u = torch.rand(a.shape, generator=generator, device=a.device)
     torch.mul(floor.add_((u < scaled - floor).float()), q, out=out)
+
+
+# --- where values land in a format: its zones ------------------------------------------------------
+
+ZONES = ("zero", "flushed", "subnormal", "normal", "overflow")
+
+
+def zone_edges(fmt: str | FloatFormat) -> dict[str, float]:
+    """log2 of the magnitudes where the format's zones begin, as round-to-nearest-even draws them.
+
+    ``flushed_below``: |x| at or below 2**this rounds to 0 (half the smallest subnormal; the tie goes
+    to 0). ``normal_from``: the smallest normal number. ``overflow_from``: |x| above 2**this rounds
+    beyond the largest finite value (the largest value plus half its ULP; the tie itself goes to the
+    even neighbour: inf for IEEE-like formats, the largest value for E4M3FN). The loss-scale
+    explorer, the chapters' zone plots and ``mixprec.debug`` all draw the zones from here.
+    """
+    fmt = get_format(fmt)
+    return {"flushed_below": math.log2(fmt.min_subnormal) - 1, "normal_from": math.log2(fmt.min_normal),
+            "overflow_from": math.log2(fmt.max + fmt.ulp(fmt.max) / 2)}
+
+
+def zone_fractions(values: torch.Tensor, scale: float = 1.0, fmt: str | FloatFormat = "fp16") -> dict[str, float]:
+    """Fractions of ``values * scale`` that the format stores as what.
+
+    ``zero``: the value was exactly zero to begin with. ``flushed``: nonzero, but rounds to zero.
+    ``subnormal``: stored with fewer significant bits than a normal number. ``normal``: stored with
+    full precision. ``overflow``: beyond the largest finite value (inf, NaN, or clamped, depending
+    on the format and the cast). Computed by rounding every value, so the boundaries are exact.
+    """
+    fmt = get_format(fmt)
+    x = torch.as_tensor(values).detach().float().flatten() * scale
+    rounded = round_to_format(x, fmt, overflow="nonfinite").abs()
+    n = max(x.numel(), 1)
+    zero = x == 0
+    counts = {
+        "zero": zero.sum(),
+        "flushed": ((rounded == 0) & ~zero).sum(),
+        "subnormal": ((rounded > 0) & (rounded < fmt.min_normal)).sum(),
+        "normal": ((rounded >= fmt.min_normal) & (rounded <= fmt.max)).sum(),
+        "overflow": (~torch.isfinite(rounded)).sum(),
+    }
+    return {k: int(v) / n for k, v in counts.items()}

@@ -173,3 +173,46 @@ def triage_chart(steps: list[tuple[str, str]], ax=None, no_label: str = "否", y
     ax.set_ylim(-0.2, n)
     ax.axis("off")
     return ax
+
+
+ZONE_COLORS = {"flushed": "#c0392b", "subnormal": "#e67e22", "normal": "#2e8b3a", "overflow": "#7d3c98"}
+
+
+def shade_zones(ax, fmt="fp16", left: float = -48.0, right: float = 20.0, normal: bool = True):
+    """Shade a log2|x| axis with the format's zones (``mixprec.formats.zone_edges``): flushed to zero,
+    subnormal, normal (optional), overflow."""
+    from .formats import get_format, zone_edges
+
+    fmt = get_format(fmt)
+    edges = zone_edges(fmt)
+    spans = {
+        "flushed": (left, edges["flushed_below"], label(f"{fmt.name} 中冲刷为零", f"flushed to 0 in {fmt.name}")),
+        "subnormal": (edges["flushed_below"], edges["normal_from"], label("次正规数", "subnormal")),
+        "normal": (edges["normal_from"], edges["overflow_from"], label("正规数", "normal")),
+        "overflow": (edges["overflow_from"], right, label("上溢", "overflow")),
+    }
+    for name, (lo, hi, text) in spans.items():
+        if (name != "normal" or normal) and hi > lo:
+            ax.axvspan(lo, hi, color=ZONE_COLORS[name], alpha=0.12, label=text)
+    return ax
+
+
+def training_curves(histories: dict, ax=None, smooth: int = 1, field: str = "loss", title: str | None = None):
+    """One line per run (``{label: TrainHistory}``) of a per-step field, optionally a ``smooth``-step running mean."""
+    import matplotlib.pyplot as plt
+
+    if ax is None:
+        _, ax = plt.subplots(figsize=(7, 3.4))
+    for name, h in histories.items():
+        values = torch.tensor(getattr(h, field), dtype=torch.float64)
+        if smooth > 1 and values.numel() >= smooth:
+            kernel = torch.ones(smooth, dtype=torch.float64) / smooth
+            values = torch.nn.functional.conv1d(values.view(1, 1, -1), kernel.view(1, 1, -1)).flatten()
+            steps = range(smooth - 1, smooth - 1 + values.numel())
+        else:
+            steps = range(values.numel())
+        ax.plot(list(steps), values.tolist(), lw=1, label=name)
+    default = label(f"训练损失（{smooth} 步滑动平均）", f"training loss ({smooth}-step mean)") if smooth > 1 else label("训练损失", "training loss")
+    ax.set(xlabel=label("步", "step"), title=default if title is None else title)
+    ax.legend(fontsize=8)
+    return ax

@@ -1,7 +1,7 @@
 // Loss-scale explorer: shift a recorded gradient histogram by a power-of-two loss scale and see
 // how much of it FP16 flushes to zero, stores as subnormals, stores fully, or overflows.
 // Self-contained (no network, no kernel). mixprec/widgets.py inlines it; tests/test_widgets.py
-// runs it in node and checks it against mixprec.scaling.zone_fractions.
+// runs it in node and checks it against mixprec.formats.zone_fractions.
 //
 // data = {lo, width, counts: [...], zeros, total, fmt: {flushBelow, minNormal, overflowAt}} where
 // counts[i] is the number of nonzero |g| with log2|g| in [lo + i*width, lo + (i+1)*width), and the

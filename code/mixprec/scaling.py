@@ -19,8 +19,6 @@ import math
 
 import torch
 
-from .formats import FloatFormat, get_format, round_to_format
-
 
 class NoLossScaler:
     """No loss scaling, with the scaler interface: as ``torch.amp.GradScaler(enabled=False)``, every
@@ -161,34 +159,6 @@ class DynamicLossScaler(StaticLossScaler):
         self.growth_factor, self.backoff_factor = state["growth_factor"], state["backoff_factor"]
         self.growth_interval, self._growth_tracker = state["growth_interval"], state["_growth_tracker"]
         self.min_scale = state.get("min_scale")
-
-
-# --- where gradients land in a format, before and after scaling ------------------------------------
-
-ZONES = ("zero", "flushed", "subnormal", "normal", "overflow")
-
-
-def zone_fractions(values: torch.Tensor, scale: float = 1.0, fmt: str | FloatFormat = "fp16") -> dict[str, float]:
-    """Fractions of ``values * scale`` that the format stores as what.
-
-    ``zero``: the value was exactly zero to begin with. ``flushed``: nonzero, but rounds to zero.
-    ``subnormal``: stored with fewer significant bits than a normal number. ``normal``: stored with
-    full precision. ``overflow``: beyond the largest finite value (inf, NaN, or clamped, depending
-    on the format and the cast). Computed by rounding every value, so the boundaries are exact.
-    """
-    fmt = get_format(fmt)
-    x = values.detach().float().flatten() * scale
-    rounded = round_to_format(x, fmt, overflow="nonfinite").abs()
-    n = max(x.numel(), 1)
-    zero = x == 0
-    counts = {
-        "zero": zero.sum(),
-        "flushed": ((rounded == 0) & ~zero).sum(),
-        "subnormal": ((rounded > 0) & (rounded < fmt.min_normal)).sum(),
-        "normal": ((rounded >= fmt.min_normal) & (rounded <= fmt.max)).sum(),
-        "overflow": (~torch.isfinite(rounded)).sum(),
-    }
-    return {k: int(v) / n for k, v in counts.items()}
 
 
 def scaler_trajectory(scaler, steps: int = 300, poison: dict[int, float] | None = None, seed: int = 0) -> tuple[list[tuple[float, bool]], torch.nn.Module]:

@@ -11,7 +11,7 @@ import json
 import uuid
 from importlib import resources
 
-from .formats import FloatFormat, get_format, torch_overflow_convention
+from .formats import FloatFormat, get_format, torch_overflow_convention, zone_edges
 
 DEFAULT_FORMATS = ("fp32", "tf32", "fp16", "bf16", "e4m3fn", "e5m2")
 
@@ -94,13 +94,13 @@ def scale_explorer_script() -> str:
 
 def scale_histogram(values, fmt: str | FloatFormat = "fp16", width: float = 0.25) -> dict:
     """What the loss-scale explorer needs: a histogram of log2|values| with bins aligned to powers of two."""
-    import math
 
     import torch
 
     fmt = get_format(fmt)
     if not (width > 0 and (1 / width).is_integer()):
         raise ValueError(f"width must be 1/k for a whole number k (so bins align with powers of two), got {width}")
+    edges = zone_edges(fmt)
     v = torch.as_tensor(values).detach().float().flatten().abs()
     nonzero = v[v > 0]
     bins = torch.floor(torch.log2(nonzero) / width).long()
@@ -108,8 +108,8 @@ def scale_histogram(values, fmt: str | FloatFormat = "fp16", width: float = 0.25
     counts = torch.bincount(bins - first).tolist() if bins.numel() else []
     return {
         "lo": first * width, "width": width, "counts": counts, "zeros": int((v == 0).sum()), "total": int(v.numel()),
-        "fmt": {"name": fmt.name, "flushBelow": math.log2(fmt.min_subnormal) - 1, "minNormal": math.log2(fmt.min_normal),
-                "overflowAt": math.log2(fmt.max + fmt.ulp(fmt.max) / 2)},
+        "fmt": {"name": fmt.name, "flushBelow": edges["flushed_below"], "minNormal": edges["normal_from"],
+                "overflowAt": edges["overflow_from"]},
     }
 
 
