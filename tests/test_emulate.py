@@ -4,7 +4,6 @@ import math
 
 import pytest
 import torch
-
 from mixprec import story
 from mixprec.amp import get_policy
 from mixprec.emulate import OP_LISTS, EmulatedAutocast, RoundAllOps, held_in

@@ -326,3 +326,8 @@ def interleaved_median_times(fns: dict[str, Callable[[], object]], repeats: int 
             sync()
             times[name].append(time.perf_counter() - t0)
     return {name: statistics.median(ts) for name, ts in times.items()}
+
+
+def default_device() -> torch.device:
+    """The device the book runs on when none is named: the GPU if there is one, else the CPU."""
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")

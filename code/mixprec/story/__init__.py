@@ -16,11 +16,11 @@ from .inference import AdaptiveGenerator, GenerationTiming, PrecisionProfile, co
 from .metrics import distinct_n, greedy_agreement, next_token_kl, next_token_logits, perplexity, token_entropy, token_kl, unigram_entropy
 from .model import SIZES, build_model, count_parameters, load_pretrained_gpt2
 from .tokenizer import train_tokenizer
-from .train import evaluate, gradient_sample, train
+from .train import compare, evaluate, gradient_sample, train
 
 __all__ = [
     "SIZES", "AdaptiveGenerator", "GenerationTiming", "PrecisionProfile", "count_generated", "next_token_logits", "time_generation",
-    "token_entropy", "GrammarScore", "Generation", "InferenceModel", "StoryData", "TokenData", "TrainHistory", "build_model", "count_parameters",
+    "token_entropy", "GrammarScore", "Generation", "InferenceModel", "StoryData", "TokenData", "TrainHistory", "build_model", "compare", "count_parameters",
     "distinct_n", "encode", "evaluate", "for_inference", "gradient_sample", "generate", "generate_stories", "grammar_score", "greedy_agreement",
     "load_pretrained_gpt2", "load_stories", "next_token_kl", "perplexity", "split_sentences", "storyteller", "token_kl", "train",
     "train_tokenizer", "unigram_entropy",

@@ -180,3 +180,25 @@ def gradient_sample(model: torch.nn.Module, data: TokenData, batches: int = 4, b
         values.append(torch.cat([p.grad.detach().flatten().float().cpu() for p in model.parameters() if p.grad is not None]))
     model.zero_grad(set_to_none=True)
     return torch.cat(values)
+
+
+def compare(setups: dict[str, str | dict], data: TokenData, vocab_size: int, eos_token_id: int = 0, size: str = "tiny",
+            seed: int = 0, models: dict | None = None, **train_options) -> dict[str, TrainHistory]:
+    """Train one fresh model per setup, all from the same initial weights, batches and seed; returns the histories.
+
+    ``setups`` maps a label to a policy name, or to a dict of ``train`` options (``precision``,
+    ``scaler``, ``lr``, ``after_backward``…) that override ``train_options`` for that setup. Pass a
+    dict as ``models`` to keep the trained models, under the same labels.
+    """
+    from .model import build_model
+
+    if not isinstance(setups, dict) or not setups:
+        raise ValueError("setups must be a non-empty dict {label: policy name or dict of train options}")
+    histories = {}
+    for name, setup in setups.items():
+        options = {"precision": setup} if isinstance(setup, str) else dict(setup)
+        model = build_model(size, vocab_size, seed=seed, eos_token_id=eos_token_id)
+        histories[name] = train(model, data, **{"seed": seed, **train_options, **options})
+        if models is not None:
+            models[name] = model
+    return histories
