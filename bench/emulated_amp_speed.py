@@ -14,7 +14,6 @@ import statistics
 import time
 
 import torch
-
 from mixprec import story
 from mixprec.amp import get_policy
 from mixprec.step import train_step
