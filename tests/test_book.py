@@ -59,3 +59,17 @@ def test_chinese_search_index(build_log):
     docs = [d for entry in docs if entry is not None for d in (entry if isinstance(entry, list) else [entry])]
     assert formats_doc in docs, f"次正规数 does not lead to the formats chapter: {docs}"
     assert "LANGUAGE: 'zh-CN'" in (HTML / "_static" / "documentation_options.js").read_text()
+
+
+def test_prose_has_no_placeholder_values(build_log):
+    """A glued None, NaN or inf in a sentence means a computation found nothing: the sentence would state a non-result."""
+    import html
+    import re
+
+    for page in sorted((HTML / "book").glob("*.html")):
+        text = page.read_text()
+        for tag in ("script", "style", "pre", "table"):  # code, outputs and tables may legitimately show nan/inf/None
+            text = re.sub(rf"<{tag}\b.*?</{tag}>", "", text, flags=re.S)
+        prose = html.unescape(re.sub(r"<[^>]+>", " ", text))
+        hits = [m.group(0) for m in re.finditer(r".{0,40}\b(None|nan%|NaN%|nan|inf%)\b.{0,20}", prose)]
+        assert not hits, f"{page.name}: {hits[:3]}"

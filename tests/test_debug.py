@@ -102,7 +102,7 @@ def test_layer_monitor_records_activations_and_gradients():
 @pytest.mark.parametrize("case", list(clinic.CASES))
 def test_clinic_case_fails_before_its_fix_and_trains_after(case):
     broken = clinic.run_case(case, fixed=False, steps=300)
-    fixed = clinic.run_case(case, fixed=True, steps=300)
+    fixed = clinic.run_case(case, fixed=True, steps=300, trace_steps=80)  # every broken case fails within 80 steps (next test)
     assert not broken.trained and broken.accuracy < 0.5
     assert broken.first_failure is not None  # the tracer found an inf or NaN
     assert fixed.trained and fixed.accuracy >= 0.9
@@ -123,3 +123,21 @@ def test_clinic_tracer_points_at_the_cause():
         assert (found.phase, found.module, found.op) == ("forward", module, op), (case, found)
     with pytest.raises(ValueError):
         clinic.run_case("nope", fixed=False)
+
+
+def test_relative_error_and_capture():
+    exact = torch.tensor([3.0, 4.0])
+    assert debug.relative_error(torch.tensor([3.0, 4.5]), exact) == pytest.approx(0.1)
+    with pytest.raises(ValueError, match="same shape"):
+        debug.relative_error(torch.zeros(3), exact)
+    with pytest.raises(ValueError, match="all zeros"):
+        debug.relative_error(exact, torch.zeros(2))
+    model = nn.Sequential(nn.Linear(4, 3), nn.ReLU())
+    x = torch.randn(2, 4)
+    with debug.capture(model, ["0", "1"], what="both") as seen:
+        y = model(x)
+    assert torch.equal(seen["0"][0], x) and torch.equal(seen["1"][1], y)
+    assert not model[0]._forward_hooks  # removed on exit
+    with pytest.raises(ValueError, match="no module"):
+        with debug.capture(model, "nope"):
+            pass

@@ -186,3 +186,16 @@ def test_round_all_is_not_amp():
     with RoundAllOps("fp16"):
         (w.sum() * 2.0**16).backward()
     assert math.isinf(w.grad[0])
+
+
+def test_policies_validate_their_autocast_settings():
+    from mixprec.amp import Policy
+
+    with pytest.raises(ValueError, match="autocast must be"):
+        Policy("x", autocast_dtype=torch.float16, autocast="tpu")
+    with pytest.raises(ValueError, match="autocast_dtype"):
+        Policy("x", autocast_dtype=torch.float8_e4m3fn)
+    with pytest.raises(ValueError, match="round-all"):
+        get_policy("emulate:fp16")  # the old name of whole-network rounding says where it went
+    assert get_policy("bf16-amp").autocast_mode(torch.device("cuda")) == "native"
+    assert get_policy("bf16-amp:cpu-lists").autocast_mode(torch.device("cpu")) == "emulate-cpu"

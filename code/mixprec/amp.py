@@ -63,6 +63,12 @@ class Policy:
     master_weights: bool = False  # FP32 master copy owned by the optimizer; the model holds the working copy
     uses_scaler: bool = False  # a GradScaler by default
 
+    def __post_init__(self):
+        if self.autocast not in ("auto", "native", "emulate-cuda", "emulate-cpu"):
+            raise ValueError(f"autocast must be 'auto', 'native', 'emulate-cuda' or 'emulate-cpu', got {self.autocast!r}")
+        if self.autocast_dtype not in (None, torch.float16, torch.bfloat16):
+            raise ValueError(f"autocast_dtype must be None, torch.float16 or torch.bfloat16, got {self.autocast_dtype!r}")
+
     def autocast_mode(self, device: torch.device) -> str | None:
         """How autocast runs on ``device``: ``"native"``, ``"emulate-cuda"``, ``"emulate-cpu"``, or None."""
         if self.autocast_dtype is None:

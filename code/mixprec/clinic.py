@@ -288,15 +288,16 @@ class CaseRun(TrainHistory):
 
 
 def run_case(case: str, fixed: bool, steps: int = 300, batch_size: int = 64, seed: int = 0, device: str | torch.device = "cpu",
-             trace: bool = True, progress: bool = False, norm_fn=None, trace_steps: int = 30) -> CaseRun:
+             trace: bool = True, progress: bool = False, norm_fn=None, trace_steps: int | None = None) -> CaseRun:
     """Train the case's model (broken, or with its fix) with ``mixprec.step.train_step`` and report what happened.
 
     "fp16 model" cases run the ``fp16-master`` policy; autocast cases run ``fp16-amp:native``, this
     device's own autocast, because ``torch.amp.custom_fwd`` (the custom-op fix) reacts to real autocast.
-    trace: before each of the first ``trace_steps`` steps, until one is found, run its forward and
-        backward once more without loss scaling under ``debug.trace_nonfinite``: the first inf or NaN
-        anywhere, even one that later ops hide, goes into ``first_failure``. (Tracing costs a few
-        times a step; every case's mistake shows within its first few steps.)
+    trace: before each step, until one is found, run its forward and backward once more without
+        loss scaling under ``debug.trace_nonfinite``: the first inf or NaN anywhere, even one that
+        later ops hide, goes into ``first_failure``.
+    trace_steps: trace only the first this many steps (None: all). Tracing costs a few steps' time
+        each; a run that finds nothing (a fixed case) pays it on every step it traces.
     norm_fn: for the mystery case, the reader's ``fn(x, weight, bias, eps)`` used as the fix.
     """
     if case not in CASES and case != MYSTERY.name:
@@ -327,7 +328,7 @@ def run_case(case: str, fixed: bool, steps: int = 300, batch_size: int = 64, see
         bar = tqdm(total=steps, desc=f"{case} ({'fixed' if fixed else 'broken'})", leave=False)
     for step in range(steps):
         x, y = (t.to(device) for t in make_batch(batch_size, generator))
-        if trace and run.first_failure is None and step < trace_steps:
+        if trace and run.first_failure is None and (trace_steps is None or step < trace_steps):
             # Traced without loss scaling: the scaler's own overflows while it calibrates are not the bug.
             run.first_failure = trace_nonfinite(model, lambda x=x, y=y: forward_backward_unscaled(x, y))
             run.failure_step = step if run.first_failure is not None else None

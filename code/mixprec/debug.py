@@ -12,6 +12,7 @@ them: the fraction above its max, below its smallest normal number, and flushed 
 
 from __future__ import annotations
 
+import contextlib
 import math
 from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass
@@ -325,3 +326,49 @@ def plot_loss_scale(loss_scale: list[float | None], skipped: list[bool], ax=None
     ax.set(xlabel=plots.label("步", "step"), ylabel="log₂ S", title=title)
     ax.legend(fontsize=8)
     return ax
+
+
+def relative_error(approx: torch.Tensor, exact: torch.Tensor) -> float:
+    """‖approx − exact‖ / ‖exact‖ (Frobenius norms), computed in float64: the book's one error metric."""
+    approx, exact = torch.as_tensor(approx), torch.as_tensor(exact)
+    if approx.shape != exact.shape:
+        raise ValueError(f"relative_error needs tensors of the same shape, got {tuple(approx.shape)} and {tuple(exact.shape)}")
+    reference = exact.detach().double()
+    scale = reference.norm()
+    if scale == 0:
+        raise ValueError("relative_error: the exact tensor is all zeros, so a relative error is undefined")
+    return float((approx.detach().double() - reference).norm() / scale)
+
+
+@contextlib.contextmanager
+def capture(model: torch.nn.Module, names, what: str = "input"):
+    """Record the first input (``what="input"``), the output (``"output"``) or both (``"both"``: an
+    ``(input, output)`` pair) of the named modules during the block.
+
+    Yields a dict ``{name: value}`` (detached; the last call wins); the hooks are removed on exit::
+
+        with debug.capture(model, ["transformer.h.1.mlp.c_fc"]) as seen:
+            model(x)
+        seen["transformer.h.1.mlp.c_fc"]
+    """
+    if what not in ("input", "output", "both"):
+        raise ValueError(f"what must be 'input', 'output' or 'both', got {what!r}")
+    names = [names] if isinstance(names, str) else list(names)
+    modules = dict(model.named_modules())
+    missing = [n for n in names if n not in modules]
+    if missing:
+        raise ValueError(f"no module named {missing[0]!r} in the model")
+    seen: dict = {}
+
+    def hook(name):
+        def record(module, inputs, output):
+            inp, out = inputs[0].detach(), (output[0] if isinstance(output, tuple) else output).detach()
+            seen[name] = {"input": inp, "output": out, "both": (inp, out)}[what]
+        return record
+
+    handles = [modules[n].register_forward_hook(hook(n)) for n in names]
+    try:
+        yield seen
+    finally:
+        for h in handles:
+            h.remove()
