@@ -188,6 +188,23 @@ def test_round_all_is_not_amp():
     assert math.isinf(w.grad[0])
 
 
+def test_unlisted_ops_take_the_dtype_real_cpu_autocast_gives():
+    """Ops on neither list: elementwise ops follow type promotion, normalisations follow their input."""
+    import torch.nn.functional as F
+
+    x, w, b, W = torch.randn(4, 8), torch.randn(8), torch.randn(8), torch.randn(8, 8)
+
+    def run(h):
+        return {"layer_norm": F.layer_norm(h, (8,), w, b), "group_norm": F.group_norm(h.view(4, 8, 1), 2, w, b),
+                "gelu": F.gelu(h), "mul_fp32": h * w, "softmax": torch.softmax(h, -1)}
+
+    with torch.amp.autocast("cpu", dtype=torch.bfloat16):
+        real = run(x @ W)
+    with EmulatedAutocast(torch.bfloat16, "cpu"):
+        emulated = run(x @ W)
+    assert {k: held_in(v) for k, v in emulated.items()} == {k: v.dtype for k, v in real.items()}
+
+
 def test_policies_validate_their_autocast_settings():
     from mixprec.amp import Policy
 

@@ -72,6 +72,9 @@ _MOVES = frozenset(("view", "reshape", "transpose", "permute", "split", "split_w
                     "reshape_as", "clone", "detach", "cat", "concat", "concatenate", "stack", "repeat", "flip", "roll", "movedim",
                     "tensor_split", "index_select", "gather", "masked_select", "take", "tril", "triu", "relu", "max", "min",
                     "amax", "amin", "abs", "neg", "__neg__", "pad"))
+# Normalisations whose output takes the dtype of their input, whatever their (FP32) weight and bias:
+# they do not follow type promotion. (On CUDA's lists they run in FP32 anyway.)
+_FOLLOW_INPUT = frozenset(("layer_norm", "group_norm", "batch_norm", "instance_norm", "rms_norm"))
 _CASTS = {"float": torch.float32, "double": torch.float64, "half": torch.float16, "bfloat16": torch.bfloat16}
 _IGNORED = frozenset(("__get__", "__set__", "size", "dim", "numel", "is_floating_point", "__len__", "__bool__", "item", "tolist",
                       "data_ptr", "stride", "is_contiguous", "element_size", "__repr__", "__format__", "backward", "requires_grad_"))
@@ -175,6 +178,8 @@ class EmulatedAutocast(TorchFunctionMode):
             if cast == torch.float32 and isinstance(out, torch.Tensor) and out is args[0]:
                 return out.view_as(out)  # a distinct tensor object, so the input keeps its own dtype
             return out
+        if name in _FOLLOW_INPUT:
+            return tree_map(self._round_out, out) if args and self._is_low(args[0]) else out
         tensors = [t for t in tree_flatten((args, kwargs))[0] if isinstance(t, torch.Tensor) and t.is_floating_point()]
         if not tensors or not any(self._is_low(t) or t.dtype == self.dtype for t in tensors):
             return out
