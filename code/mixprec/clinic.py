@@ -33,7 +33,7 @@ import torch.nn.functional as F
 
 from .amp import get_policy
 from .debug import NonFinite, trace_nonfinite
-from .step import TrainHistory, train_step
+from .step import TrainHistory, forward_backward, train_step
 
 VOCAB = 32  # token 0 is padding
 MAX_LEN = 12
@@ -316,11 +316,6 @@ def run_case(case: str, fixed: bool, steps: int = 300, batch_size: int = 64, see
     generator = torch.Generator().manual_seed(seed)
     run = CaseRun(policy.name, device=device.type, parameters=sum(p.numel() for p in model.parameters()), case=case, fixed=fixed)
 
-    def forward_backward_unscaled(x, y):
-        with policy.forward(device):
-            output = model(x)
-        model.loss(output, y).backward()
-
     bar = None
     if progress:
         from tqdm.auto import tqdm
@@ -330,7 +325,7 @@ def run_case(case: str, fixed: bool, steps: int = 300, batch_size: int = 64, see
         x, y = (t.to(device) for t in make_batch(batch_size, generator))
         if trace and run.first_failure is None and (trace_steps is None or step < trace_steps):
             # Traced without loss scaling: the scaler's own overflows while it calibrates are not the bug.
-            run.first_failure = trace_nonfinite(model, lambda x=x, y=y: forward_backward_unscaled(x, y))
+            run.first_failure = trace_nonfinite(model, lambda x=x, y=y: forward_backward(model, x, y, model.loss, policy, device))
             run.failure_step = step if run.first_failure is not None else None
             model.zero_grad(set_to_none=True)
         run.append(train_step(model, x, y, model.loss, optimizer, policy, scaler, device, clip=1.0, master=master))

@@ -102,6 +102,11 @@ class _Round(torch.autograd.Function):
         return round_values(grad, ctx.fmt), None
 
 
+def _upcast(t):
+    """A real FP16/BF16 tensor as float32 (exact); anything else unchanged."""
+    return t.float() if isinstance(t, torch.Tensor) and t.dtype in (torch.float16, torch.bfloat16) else t
+
+
 def held_in(t: torch.Tensor) -> torch.dtype:
     """The dtype a tensor would have under the autocast that ``EmulatedAutocast`` emulates."""
     return getattr(t, "_mixprec_held_in", t.dtype)
@@ -144,7 +149,7 @@ class EmulatedAutocast(TorchFunctionMode):
     def _lower(self, t):
         """An input of a lower-list op: cast to the low format (cached for weights, as autocast does)."""
         if not isinstance(t, torch.Tensor) or not t.is_floating_point() or t.dtype == torch.float64 or self._is_low(t):
-            return t.float() if isinstance(t, torch.Tensor) and t.dtype in (torch.float16, torch.bfloat16) else t
+            return _upcast(t)
         cacheable = t.is_leaf and t.requires_grad and torch.is_grad_enabled()
         if cacheable and id(t) in self._cache:
             return self._cache[id(t)]
@@ -169,8 +174,7 @@ class EmulatedAutocast(TorchFunctionMode):
             return tree_map(self._round_out, func(*args, **kwargs))
         if name in self.fp32:
             self.counts["fp32"] += 1
-            args, kwargs = tree_map(lambda t: t.float() if isinstance(t, torch.Tensor) and t.dtype in (torch.float16, torch.bfloat16)
-                                    else t, (args, kwargs))
+            args, kwargs = tree_map(_upcast, (args, kwargs))
             return func(*args, **kwargs)
         out = func(*args, **kwargs)
         cast = _CASTS.get(name) or (name == "to" and next((a for a in (*args[1:], *kwargs.values()) if isinstance(a, torch.dtype)), None))

@@ -198,14 +198,12 @@ def first_overflowing_scale(model: torch.nn.Module, inputs, targets, loss_fn, po
     ``exponents`` overflows. The model's weights are not changed; its gradients are cleared.
     """
     from .amp import get_policy
+    from .step import forward_backward
 
     policy, device = get_policy(policy), torch.device(device)
     for e in exponents:
         model.zero_grad(set_to_none=True)
-        with policy.whole_step(device):
-            with policy.forward(device):
-                output = model(inputs)
-            (loss_fn(output, targets) * 2.0**e).backward()
+        forward_backward(model, inputs, targets, loss_fn, policy, device, lambda loss, e=e: loss * 2.0**e)
         finite = all(bool(torch.isfinite(p.grad).all()) for p in model.parameters() if p.grad is not None)
         model.zero_grad(set_to_none=True)
         if not finite:

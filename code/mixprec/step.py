@@ -26,6 +26,18 @@ class StepResult:
     lr: float
 
 
+def forward_backward(model: torch.nn.Module, inputs, targets, loss_fn: Callable, policy, device: torch.device,
+                     scale: Callable[[torch.Tensor], torch.Tensor] | None = None) -> torch.Tensor:
+    """The forward under the policy's autocast, the loss in FP32 and the backward of ``scale(loss)`` outside
+    autocast; returns the (unscaled) loss. ``train_step`` is this plus the optimizer's side."""
+    with policy.whole_step(device):  # TF32 and whole-network rounding, where the policy has them
+        with policy.forward(device):  # autocast, native or emulated, covers the forward pass only
+            output = model(inputs)
+        loss = loss_fn(output, targets)  # in FP32: the loss functions upcast what they are given
+        (loss if scale is None else scale(loss)).backward()  # outside autocast, as PyTorch recommends
+    return loss
+
+
 def train_step(model: torch.nn.Module, inputs, targets, loss_fn: Callable, optimizer: torch.optim.Optimizer, policy, scaler,
                device: torch.device, clip: float | None = 1.0, master=None, schedule=None,
                after_backward: Callable[[torch.nn.Module], None] | None = None) -> StepResult:
@@ -36,11 +48,7 @@ def train_step(model: torch.nn.Module, inputs, targets, loss_fn: Callable, optim
     a ``*-master`` or ``round-all`` policy. ``schedule`` advances only when the optimizer really
     stepped. ``after_backward(model)`` runs between backward and unscaling (to plant a fault, say).
     """
-    with policy.whole_step(device):  # TF32 and whole-network rounding, where the policy has them
-        with policy.forward(device):  # autocast, native or emulated, covers the forward pass only
-            output = model(inputs)
-        loss = loss_fn(output, targets)  # in FP32: the loss functions upcast what they are given
-        scaler.scale(loss).backward()  # outside autocast, as PyTorch recommends
+    loss = forward_backward(model, inputs, targets, loss_fn, policy, device, scaler.scale)
     if after_backward is not None:
         after_backward(model)
     if master is not None:
