@@ -3,7 +3,19 @@ import math
 import pytest
 import torch
 from mixprec.formats import E4M3, E5M2, round_to_format
-from mixprec.fp8 import DelayedScaling, quantize_blockwise, quantize_mx, quantize_rowwise, quantize_tensorwise
+from mixprec.fp8 import (
+    Accumulator,
+    CastConfig,
+    DelayedScaling,
+    Float8LinearConfig,
+    matmul,
+    quantize_blockwise,
+    quantize_mx,
+    quantize_rowwise,
+    quantize_tensorwise,
+    scale_from_amax,
+    scaled_matmul,
+)
 
 
 def half_ulp(v, fmt):
@@ -27,7 +39,7 @@ def test_error_is_at_most_half_an_ulp(recipe, fmt):
         "row": lambda: quantize_rowwise(x, fmt),
         "block1x128": lambda: quantize_blockwise(x, (1, 128), fmt),
         "block128x128": lambda: quantize_blockwise(x, (128, 128), fmt),
-        "tensor-pow2": lambda: quantize_tensorwise(x, fmt, power_of_two=True),
+        "tensor-pow2": lambda: quantize_tensorwise(x, fmt, scale_mode="rceil"),
     }[recipe]()
     scaled = x * q.scale
     assert torch.equal(q.values, round_to_format(q.values, fmt))  # on the grid
@@ -97,11 +109,11 @@ def test_fp8_linear_forward_and_backward_match_fp32():
     """Stated tolerance: relative error of the output, the input gradient and the weight gradient below 10%
     (E4M3 has 3 mantissa bits, E5M2 has 2: single values are off by up to 6% and 12%; sums of many
     independent rounding errors are much closer)."""
-    from mixprec.fp8 import to_emulated_fp8
+    from mixprec.fp8 import Float8Linear
 
     torch.manual_seed(0)
     reference = torch.nn.Linear(64, 32)
-    layer = to_emulated_fp8(reference)
+    layer = Float8Linear.from_float(reference)
     x = torch.randn(16, 64, requires_grad=True)
     x8 = x.detach().clone().requires_grad_(True)
     grad_out = torch.randn(16, 32)
@@ -116,3 +128,125 @@ def test_fp8_linear_forward_and_backward_match_fp32():
     assert rel(x8.grad, x.grad) < 0.1
     assert rel(layer.weight.grad, reference.weight.grad) < 0.1
     assert torch.allclose(layer.bias.grad, reference.bias.grad)  # the bias stays FP32
+
+
+# --- scales at the edges, recipes, accumulation, misuse ---------------------------------------
+
+@pytest.mark.parametrize("amax", [1e-30, 1e-18, 1e-13, 1.0, 3e4, 3e38])
+def test_tensorwise_scale_stays_finite_and_keeps_tiny_tensors(amax):
+    """The scale is a finite float32 for any finite amax, so a tensor of tiny values is not flushed to
+    zero (torchao clamps amax at 1e-12: below that its tensors quantize to 0)."""
+    x = torch.linspace(-1, 1, 64) * amax
+    q = quantize_tensorwise(x)
+    assert math.isfinite(float(q.scale)) and float(q.scale) > 0
+    assert torch.equal(q.values.abs().max(), torch.tensor(E4M3.max))
+    assert (q.dequantize() - x).abs().max() <= amax * 2**-4 * (1 + 1e-6)
+
+
+def test_zero_and_non_finite_tensors():
+    assert torch.equal(quantize_tensorwise(torch.zeros(8)).dequantize(), torch.zeros(8))
+    assert torch.equal(quantize_mx(torch.zeros(2, 32)).dequantize(), torch.zeros(2, 32))
+    with_nan = torch.ones(2, 32)
+    with_nan[0, 3] = math.nan
+    out = quantize_mx(with_nan).dequantize()
+    assert out[0].isnan().all() and torch.equal(out[1], torch.ones(32))  # the NaN block, and only it
+
+
+@pytest.mark.parametrize("mode,low,high", [("floor", 256, 512), ("rceil", 224, 448), ("ceil", 128, 256)])
+def test_power_of_two_modes_put_amax_where_they_say(mode, low, high):
+    amax = torch.exp2(torch.linspace(-20, 20, 997))
+    landed = amax * scale_from_amax(amax, E4M3, mode)
+    assert ((landed >= low) & (landed <= high)).all()
+    assert torch.equal(torch.log2(scale_from_amax(amax, E4M3, mode)), torch.log2(scale_from_amax(amax, E4M3, mode)).round())
+
+
+def test_delayed_scaling_ignores_non_finite_amax():
+    """Stated rule: an inf/NaN batch is quantized (to NaN where it is NaN) but not recorded, so the
+    next batches are scaled as if it had not happened."""
+    recipe = DelayedScaling(E4M3, history=4)
+    recipe(torch.tensor([2.0]))
+    recipe(torch.tensor([math.nan, 1.0]))
+    recipe(torch.tensor([math.inf, 1.0]))
+    assert recipe.history == [2.0]
+    assert float(recipe(torch.tensor([1.0])).scale) == E4M3.max / 2.0
+    for bad in (0, 2.5, True, -1):
+        with pytest.raises(ValueError, match="history"):
+            DelayedScaling(E4M3, history=bad)
+
+
+def test_quantizers_refuse_what_has_no_scale():
+    for call in (lambda: quantize_tensorwise(torch.empty(0)), lambda: quantize_rowwise(torch.empty(3, 0)),
+                 lambda: quantize_mx(torch.empty(0, 32))):
+        with pytest.raises(ValueError, match="empty"):
+            call()
+    with pytest.raises(ValueError, match="multiple"):
+        quantize_mx(torch.tensor(1.0))
+    with pytest.raises(ValueError, match="multiple"):
+        quantize_mx(torch.ones(2, 32), block=0)
+    with pytest.raises(ValueError, match="block"):
+        quantize_blockwise(torch.ones(128, 128), (0, 128))
+    with pytest.raises(ValueError, match="powers of two"):
+        quantize_mx(torch.ones(32), scale_mode="real")
+    with pytest.raises(ValueError, match="scale mode"):
+        quantize_tensorwise(torch.ones(4), scale_mode="round")
+
+
+def test_scaled_matmul_validates_and_handles_every_layout():
+    g = torch.Generator().manual_seed(3)
+    a, b = torch.randn(128, 256, generator=g), torch.randn(64, 256, generator=g)
+    for qa, qb in ((quantize_blockwise(a, (1, 128)), quantize_blockwise(b, (64, 128))), (quantize_mx(a), quantize_mx(b))):
+        out = scaled_matmul(qa, qb)  # block and MX scales: no native kernel for these, emulated
+        assert out.shape == (128, 64) and torch.allclose(out, qa.dequantize() @ qb.dequantize().t(), rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="inner"):
+        scaled_matmul(quantize_tensorwise(a), quantize_tensorwise(torch.randn(64, 128)))
+    with pytest.raises(ValueError, match="2-D"):
+        scaled_matmul(quantize_tensorwise(a), quantize_tensorwise(torch.randn(256)))
+    with pytest.raises(ValueError, match="out_dtype"):
+        scaled_matmul(quantize_tensorwise(a), quantize_tensorwise(b), out_dtype=torch.int32)
+
+
+def test_recipes_and_cast_configs_validate():
+    assert set(Float8LinearConfig.from_recipe_name("mxfp8").cast_config_weight.block) == {1, 32}
+    with pytest.raises(ValueError, match="blockwise"):
+        Float8LinearConfig.from_recipe_name("blokwise")
+    with pytest.raises(ValueError, match="granularity"):
+        CastConfig("e4m3fn", "per-row")
+    with pytest.raises(ValueError, match="both operands"):
+        Float8LinearConfig(cast_config_input=CastConfig(None))
+    with pytest.raises(ValueError, match="fp7"):
+        CastConfig("fp7")
+
+
+@pytest.mark.parametrize("recipe", ["blockwise", "mxfp8"])
+def test_block_recipes_scale_along_each_products_reduction_dimension(recipe):
+    """The backward quantizes again along its own K: grad_output's blocks run along N for the input
+    gradient and along M for the weight gradient, so both gradients come from blocks, not from the
+    forward's quantization."""
+    from mixprec.fp8 import Float8Linear
+
+    torch.manual_seed(0)
+    reference = torch.nn.Linear(256, 128)
+    layer = Float8Linear.from_float(reference, Float8LinearConfig.from_recipe_name(recipe))
+    x = torch.randn(128, 256).requires_grad_(True)
+    x8 = x.detach().clone().requires_grad_(True)
+    g = torch.randn(128, 128)
+    reference(x).backward(g)
+    layer(x8).backward(g)
+    c = layer.config
+    expected_gw = c.cast_config_grad_output_for_grad_weight.cast(g, 0).t() @ c.cast_config_input_for_grad_weight.cast(x.detach(), 0)
+    assert torch.allclose(layer.weight.grad, expected_gw, rtol=1e-5, atol=1e-5)
+    for got, want in ((x8.grad, x.grad), (layer.weight.grad, reference.weight.grad)):
+        assert (got - want).norm() / want.norm() < 0.1  # E4M3 (3 mantissa bits) on both operands, as in test above
+
+
+def test_narrow_accumulator_loses_more_as_k_grows_and_promotion_bounds_it():
+    g = torch.Generator().manual_seed(4)
+    errors = {}
+    for k in (256, 4096):
+        a, b = torch.rand(4, k, generator=g), torch.rand(k, 4, generator=g)
+        exact = a.double() @ b.double()
+        for name, acc in (("fp32", None), ("narrow", Accumulator(13, None)), ("promoted", Accumulator(13, 128))):
+            errors[name, k] = ((matmul(a, b, acc).double() - exact).norm() / exact.norm()).item()
+    assert errors["narrow", 4096] > 4 * errors["narrow", 256]  # the partial sum grows, its ULP with it
+    assert errors["promoted", 4096] < errors["narrow", 4096] / 4
+    assert errors["fp32", 4096] < errors["promoted", 4096]

@@ -5,10 +5,10 @@ import re
 import pytest
 import torch
 from mixprec import bench
-from mixprec.amp import BASE_POLICIES, MasterWeights, get_policy
+from mixprec.amp import BASE_POLICIES, FP8_POLICIES, MasterWeights, get_policy
 from mixprec.emulate import RoundAllOps
 from mixprec.formats import E4M3, FP16, round_to_format
-from mixprec.fp8 import Fp8Linear, linear_from_conv1d, quantize_tensorwise, swap_linears, to_emulated_fp8
+from mixprec.fp8 import Float8Linear, linear_from_conv1d, quantize_tensorwise, swap_linears
 from mixprec.optim import BF16AdamW
 from mixprec.story import (
     build_model,
@@ -144,10 +144,21 @@ def test_every_policy_trains(precision, tokenizer, data):
     assert history.loss[-1] < history.loss[0] or steps == 2
     if precision.startswith("bf16-pure") or precision.endswith("-master"):
         assert next(model.parameters()).dtype == (torch.float16 if precision.startswith("fp16") else torch.bfloat16)
-    if precision == "fp8":
-        assert any(isinstance(m, Fp8Linear) for m in model.modules())
     if precision == "fp16-amp":
         assert history.loss_scale[0] == 65536.0
+
+
+@pytest.mark.parametrize("precision", FP8_POLICIES)
+def test_every_fp8_recipe_trains(precision, tokenizer, data):
+    """Every named FP8 recipe trains the tiny storyteller through the engine: every linear of the
+    blocks becomes FP8 (the output layer, tied to the embedding, stays high precision)."""
+    model = tiny(tokenizer)
+    history = train(model, data, precision=precision, steps=6, batch_size=4, block_size=32, progress=False)
+    assert all(math.isfinite(x) for x in history.loss) and history.loss[-1] < history.loss[0]
+    recipes = {m.config.recipe for m in model.modules() if isinstance(m, Float8Linear)}
+    assert recipes == {precision.removeprefix("fp8:")}
+    assert sum(isinstance(m, Float8Linear) for m in model.modules()) == 4 * len(model.transformer.h)
+    assert any(precision.removeprefix("fp8:") in note for note in history.notes)
 
 
 def test_training_is_reproducible(tokenizer, data):
@@ -252,7 +263,7 @@ def test_fp8_pieces():
     assert torch.allclose(linear_from_conv1d(conv)(x), conv(x), atol=1e-6)
     model = torch.nn.Sequential(torch.nn.Linear(32, 16), torch.nn.ReLU(), Conv1D(8, 16))
     reference = model(x)
-    assert swap_linears(model, to_emulated_fp8) == ["0", "2"]
+    assert swap_linears(model, Float8Linear.from_float) == ["0", "2"]
     out = model(x)
     assert (out - reference).norm() / reference.norm() < 0.1
     out.sum().backward()

@@ -11,8 +11,10 @@ A policy is data (``Policy``); ``get_policy(name)`` parses a name:
                            how updates are written back (``mixprec.optim.BF16AdamW``)
 ``fp16-master``            mixed precision by hand: the model in FP16, an FP32 master copy that the
 ``bf16-master``            optimizer updates (``MasterWeights``); GradScaler for FP16
-``fp8``                    linear layers in FP8: torchao with BF16 autocast on FP8 GPUs; emulated
-                           ``mixprec.fp8.Fp8Linear`` with FP32 elsewhere
+``fp8:<recipe>``           linear layers in FP8 with a ``mixprec.fp8`` recipe (``tensorwise``, ``rowwise``,
+                           ``rowwise_with_gw_hp``, ``blockwise``, ``mxfp8``; plain ``fp8`` is tensorwise):
+                           torchao with BF16 autocast on FP8 GPUs where torchao has the recipe; the
+                           emulated ``mixprec.fp8.Float8Linear`` with FP32 elsewhere
 ``round-all:<format>``     NOT mixed precision: every op result, forward and backward, the loss and the
                            loss-scale multiply included, rounded to any ``mixprec.formats`` format
                            ("what if everything were FP16"); FP32 master weights, rounded working copy
@@ -36,11 +38,13 @@ from torch.utils._pytree import tree_leaves
 
 from .emulate import EmulatedAutocast, RoundAllOps, held_in
 from .formats import FloatFormat, get_format, round_to_format
+from .fp8 import RECIPES
 
 BASE_POLICIES = ("fp32", "tf32", "fp16-amp", "bf16-amp", "bf16-pure", "bf16-pure:stochastic", "bf16-pure:kahan", "fp16-master",
                  "bf16-master", "fp8")
+FP8_POLICIES = tuple(f"fp8:{recipe}" for recipe in RECIPES)
 AUTOCAST_VARIANTS = ("fp16-amp:native", "fp16-amp:cpu-lists", "bf16-amp:native", "bf16-amp:cpu-lists")
-POLICY_NAMES = BASE_POLICIES + AUTOCAST_VARIANTS + ("round-all:<format>",)
+POLICY_NAMES = BASE_POLICIES + FP8_POLICIES + AUTOCAST_VARIANTS + ("round-all:<format>",)
 
 
 @dataclass(frozen=True)
@@ -58,7 +62,7 @@ class Policy:
     param_dtype: torch.dtype = torch.float32  # dtype the model's weights are stored in
     tf32: bool = False
     round_all: FloatFormat | None = None  # whole-network rounding (not AMP)
-    fp8: bool = False
+    fp8: str | None = None  # an FP8 recipe name (mixprec.fp8.RECIPES) for the linear layers
     update_rounding: str | None = None  # bf16-pure: "nearest", "stochastic" or "kahan"
     master_weights: bool = False  # FP32 master copy owned by the optimizer; the model holds the working copy
     uses_scaler: bool = False  # a GradScaler by default
@@ -66,6 +70,8 @@ class Policy:
     def __post_init__(self):
         if self.autocast not in ("auto", "native", "emulate-cuda", "emulate-cpu"):
             raise ValueError(f"autocast must be 'auto', 'native', 'emulate-cuda' or 'emulate-cpu', got {self.autocast!r}")
+        if self.fp8 is not None and self.fp8 not in RECIPES:
+            raise ValueError(f"fp8 must be None or an FP8 recipe ({', '.join(RECIPES)}), got {self.fp8!r}")
         if self.autocast_dtype not in (None, torch.float16, torch.bfloat16):
             raise ValueError(f"autocast_dtype must be None, torch.float16 or torch.bfloat16, got {self.autocast_dtype!r}")
 
@@ -114,7 +120,7 @@ class Policy:
 
             from .fp8 import convert_to_fp8
 
-            how = convert_to_fp8(model, device)
+            how = convert_to_fp8(model, device, self.fp8)
             notes.append(f"fp8 linears: {how}")
             if how.startswith("native"):
                 policy = replace(self, autocast_dtype=torch.bfloat16, autocast="native")
@@ -206,7 +212,8 @@ def get_policy(name: str | Policy) -> Policy:
         "bf16-pure:kahan": Policy("bf16-pure:kahan", param_dtype=torch.bfloat16, update_rounding="kahan"),
         "fp16-master": Policy("fp16-master", param_dtype=torch.float16, master_weights=True, uses_scaler=True),
         "bf16-master": Policy("bf16-master", param_dtype=torch.bfloat16, master_weights=True),
-        "fp8": Policy("fp8", fp8=True),
+        "fp8": Policy("fp8", fp8="tensorwise"),
+        **{name: Policy(name, fp8=name.removeprefix("fp8:")) for name in FP8_POLICIES},
     }
     for prefix, dtype in (("fp16", torch.float16), ("bf16", torch.bfloat16)):
         for suffix, autocast in (("", "auto"), (":native", "native"), (":cpu-lists", "emulate-cpu")):

@@ -1,21 +1,19 @@
-"""FP8: scaling recipes, and linear layers emulated on any device or run by torchao on GPUs with FP8.
+"""FP8: scales, scaling recipes as data, and linear layers that train in FP8.
 
-A tensor goes to FP8 as ``q = round(x * scale)`` with a scale chosen so that its largest values land
-near the format's maximum; ``q / scale`` gives it back. The recipes differ in how many values share
-one scale and how the scale is chosen:
+A tensor goes to FP8 as ``q = round(x * s)`` with a scale ``s`` chosen so that its largest values
+land near the format's maximum; ``q / s`` gives it back. Recipes differ in how many values share
+one scale (the granularity) and how the scale is chosen from their largest magnitude (amax):
 
-* per tensor, current: one scale from this tensor's amax;
-* per tensor, delayed: one scale from the amax *history* of earlier steps (no extra pass over x);
-* per row: one scale per row (e.g. per token of an activation);
-* per block: one scale per 1×128 or 128×128 block (DeepSeek-V3's recipe);
-* MX: one power-of-two (E8M0) scale per 32 consecutive values (OCP Microscaling).
+* ``tensorwise``: one scale per tensor; ``axiswise``: one per row along the reduction dimension;
+* ``blockwise``: one per tile, e.g. 1×128 for activations and 128×128 for weights (DeepSeek-V3);
+* ``mx``: one power-of-two (E8M0) scale per 32 values along the reduction dimension (OCP MX v1.0).
 
-The linear-layer recipe is the usual one: activations and weights in E4M3 (more precision) for the forward
-matmul, gradients in E5M2 (more range) for the backward matmuls, each tensor scaled by its own
-current absolute maximum so that it fills the format's range ("per-tensor current scaling").
-The emulated matmuls then accumulate in full FP32. That is optimistic: FP8 tensor cores keep fewer bits
-in their accumulator (about 14 significant bits on H800, as DeepSeek-V3 §3.3.2 measured), which is why
-DeepSeek-V3 promotes the partial sums to FP32 registers every 128 products (N_C = 128).
+A linear layer runs three matrix products per step (output, input gradient, weight gradient),
+each on two operands, so a recipe is six ``CastConfig`` s: ``Float8LinearConfig``, with torchao's
+field names. ``Float8LinearConfig.from_recipe_name`` and ``convert_to_float8_training`` have
+torchao.float8's names and signatures; ``Float8Linear`` computes what torchao's ``emulate=True``
+path computes (tested equal in tests/test_fp8_torchao.py), on any device. The products accumulate
+in FP32 unless ``accumulator`` asks for the narrower accumulator of FP8 tensor cores.
 """
 
 from __future__ import annotations
@@ -25,10 +23,15 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from .formats import E4M3, E5M2, FloatFormat, get_format, round_to_format
+from .formats import E4M3, FloatFormat, custom_format, get_format, round_to_format
 from .hw import device_info
 
-_TINY = 1e-12  # amax floor: an all-zero tensor gets a finite scale
+GRANULARITIES = ("tensorwise", "axiswise", "blockwise", "mx")
+SCALE_MODES = ("real", "floor", "rceil", "ceil", "even")
+RECIPES = ("tensorwise", "rowwise", "rowwise_with_gw_hp", "blockwise", "mxfp8")
+TORCHAO_RECIPES = ("tensorwise", "rowwise", "rowwise_with_gw_hp")  # torchao.float8's own recipe names
+
+_F32 = torch.finfo(torch.float32)
 
 
 @dataclass(frozen=True)
@@ -43,60 +46,112 @@ class Quantized:
         return self.values / self.scale
 
 
+# --- scales ---------------------------------------------------------------------------------
+
+def scale_from_amax(amax: torch.Tensor, fmt: str | FloatFormat = E4M3, mode: str = "real") -> torch.Tensor:
+    """The multiplier ``s`` that takes values whose largest magnitude is ``amax`` into ``fmt``.
+
+    ``"real"``: ``s = fmt.max / amax``, so amax lands exactly on the format's maximum (torchao's
+    ``amax_to_scale``). The other modes give powers of two, ``s = 2**-e`` (an E8M0 scale), with ``e``
+    chosen as torchao's MX ``ScaleCalculationMode`` chooses it (``emax``: the format's largest exponent):
+
+    * ``"floor"``, the OCP MX v1.0 rule: ``e = floor(log2 amax) - emax``; amax lands in
+      ``[2**emax, 2**(emax+1))``, [256, 512) for E4M3, so values above 448 are clamped;
+    * ``"rceil"``: ``e = ceil(log2(amax / fmt.max))``; amax lands in ``(max/2, max]``: nothing is
+      clamped, up to one binade is left unused (also torchao float8's ``round_scales_to_power_of_2``);
+    * ``"ceil"``: ``e = ceil(log2 amax) - emax``; amax lands in ``(2**(emax-1), 2**emax]``;
+    * ``"even"``: ``"floor"`` after rounding amax to the format's mantissa width.
+    """
+    fmt = get_format(fmt)
+    if mode not in SCALE_MODES:
+        raise ValueError(f"scale mode must be one of {SCALE_MODES}, got {mode!r}")
+    amax = amax.detach().float()
+    has_nan = amax.isnan()
+    if mode == "real":
+        # torchao computes this in float64 and clamps amax at 1e-12, so a tensor whose amax is below
+        # 1e-12 quantizes to zero there. We clamp only where the scale would stop being a finite float32.
+        scale = fmt.max / amax.double().clamp(min=_F32.tiny)
+        return scale.clamp(max=_F32.max).float()
+    if mode == "rceil":
+        e = torch.ceil(torch.log2(amax / fmt.max)).nan_to_num(nan=0.0, neginf=-127.0)
+    else:
+        if mode == "even":  # round amax's float32 mantissa to the element's width (ties away), then floor
+            half = 1 << (22 - fmt.mantissa_bits)
+            amax = ((amax.view(torch.int32) + half) & ~((1 << 23) - 1)).view(torch.float32)
+        bits = amax.contiguous().view(torch.int32)
+        e = ((bits >> 23) & 0xFF) - 127  # floor(log2 amax), exactly, for normal amax; -127 for 0 and subnormals
+        if mode == "ceil":
+            e = e + ((bits & 0x7FFFFF) > 0).int()
+        e = (e - fmt.emax).float()
+    # E8M0 spans 2**-127 .. 2**127. (torchao quantizes with 2**-126 at the bottom, a float32 normal,
+    # but dequantizes with 2**-127: its blocks with amax below 2**(-127 + emax) come back halved.)
+    scale = torch.exp2(-e.clamp(min=-127, max=127))
+    return torch.where(has_nan, torch.nan, scale)  # a block holding NaN comes back all NaN (E8M0's NaN)
+
+
 def _quantize(x: torch.Tensor, scale: torch.Tensor, fmt: FloatFormat) -> Quantized:
-    # saturate: a value beyond the range (possible with delayed scaling) is clamped, never inf/NaN
+    # saturate: a value beyond the range (possible with delayed or floor scaling) is clamped, never inf/NaN
     return Quantized(round_to_format(x.detach().float() * scale, fmt, overflow="saturate"), scale, fmt)
 
 
-def _scale_from_amax(amax: torch.Tensor, fmt: FloatFormat, power_of_two: bool) -> torch.Tensor:
-    scale = fmt.max / torch.clamp(amax.float(), min=_TINY)
-    return torch.exp2(torch.floor(torch.log2(scale))) if power_of_two else scale  # rounding down keeps amax in range
+def _check(x: torch.Tensor, what: str) -> None:
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"{what} takes a tensor, got {type(x).__name__}")
+    if x.numel() == 0:
+        raise ValueError(f"{what}: the tensor is empty (shape {tuple(x.shape)}); there is no amax to scale by")
 
 
-def quantize_tensorwise(x: torch.Tensor, fmt: str | FloatFormat = E4M3, power_of_two: bool = False) -> Quantized:
+def quantize_tensorwise(x: torch.Tensor, fmt: str | FloatFormat = E4M3, scale_mode: str = "real") -> Quantized:
     """One scale for the whole tensor, from its current amax."""
+    _check(x, "quantize_tensorwise")
     fmt = get_format(fmt)
-    return _quantize(x, _scale_from_amax(x.detach().abs().amax(), fmt, power_of_two), fmt)
+    return _quantize(x, scale_from_amax(x.detach().abs().amax(), fmt, scale_mode), fmt)
 
 
-def quantize_rowwise(x: torch.Tensor, fmt: str | FloatFormat = E4M3, power_of_two: bool = False) -> Quantized:
+def quantize_rowwise(x: torch.Tensor, fmt: str | FloatFormat = E4M3, scale_mode: str = "real") -> Quantized:
     """One scale per row (per slice along the last dimension)."""
+    _check(x, "quantize_rowwise")
+    if x.dim() == 0:
+        raise ValueError("quantize_rowwise needs at least one dimension, got a 0-d tensor")
     fmt = get_format(fmt)
-    return _quantize(x, _scale_from_amax(x.detach().abs().amax(dim=-1, keepdim=True), fmt, power_of_two), fmt)
+    return _quantize(x, scale_from_amax(x.detach().abs().amax(dim=-1, keepdim=True), fmt, scale_mode), fmt)
 
 
 def quantize_blockwise(x: torch.Tensor, block: tuple[int, int] = (1, 128), fmt: str | FloatFormat = E4M3,
-                       power_of_two: bool = False) -> Quantized:
+                       scale_mode: str = "real") -> Quantized:
     """One scale per ``block`` (rows × columns) tile of a 2-D tensor, e.g. (1, 128) or (128, 128)."""
+    _check(x, "quantize_blockwise")
     fmt = get_format(fmt)
     if x.dim() != 2:
         raise ValueError(f"blockwise quantization takes a 2-D tensor, got shape {tuple(x.shape)}")
+    if len(block) != 2 or min(block) < 1:
+        raise ValueError(f"block must be two positive sizes (rows, columns), got {block}")
     (rows, cols), (br, bc) = x.shape, block
     if rows % br or cols % bc:
         raise ValueError(f"shape {tuple(x.shape)} is not a whole number of {br}×{bc} blocks")
     tiles = x.detach().reshape(rows // br, br, cols // bc, bc)
     amax = tiles.abs().amax(dim=(1, 3), keepdim=True)
-    scale = _scale_from_amax(amax, fmt, power_of_two).expand_as(tiles).reshape(rows, cols)
+    scale = scale_from_amax(amax, fmt, scale_mode).expand_as(tiles).reshape(rows, cols)
     return _quantize(x, scale, fmt)
 
 
-def quantize_mx(x: torch.Tensor, fmt: str | FloatFormat = E4M3, block: int = 32) -> Quantized:
+def quantize_mx(x: torch.Tensor, fmt: str | FloatFormat = E4M3, block: int = 32, scale_mode: str = "floor") -> Quantized:
     """OCP Microscaling: each ``block`` consecutive values along the last dimension share a power-of-two scale.
 
-    The shared exponent is floor(log2(amax)) minus the element format's largest exponent, as in the
-    MX specification, so the block's largest value lands in [2**emax, 2**(emax + 1)): [256, 512) for
-    E4M3, whose max is 448, so a block's largest values can exceed the max and are then clamped
-    (saturated). Rounding the exponent up instead would avoid the clamp but leave up to a binade unused.
+    With the specification's ``"floor"`` rule the shared exponent is floor(log2(amax)) minus the
+    element format's largest exponent, so the block's largest value lands in [2**emax, 2**(emax + 1)):
+    [256, 512) for E4M3, whose max is 448; larger values are clamped. Equal, bit for bit, to
+    torchao's ``MXTensor.to_mx(x, torch.float8_e4m3fn, 32)`` dequantized, NaN and inf blocks included.
     """
+    _check(x, "quantize_mx")
     fmt = get_format(fmt)
-    if x.shape[-1] % block:
-        raise ValueError(f"last dimension {x.shape[-1]} is not a multiple of the MX block size {block}")
+    if scale_mode == "real":
+        raise ValueError("MX scales are powers of two: scale_mode must be 'floor', 'rceil', 'ceil' or 'even'")
+    if x.dim() == 0 or block < 1 or x.shape[-1] % block:
+        raise ValueError(f"the last dimension of shape {tuple(x.shape)} is not a multiple of the MX block size {block}")
     blocks = x.detach().float().reshape(*x.shape[:-1], x.shape[-1] // block, block)
-    amax = blocks.abs().amax(dim=-1, keepdim=True)
-    shared = torch.floor(torch.log2(torch.clamp(amax, min=_TINY))) - fmt.emax
-    shared = torch.clamp(shared, -127, 127)  # E8M0 holds 2**-127 .. 2**127
-    scale = torch.exp2(-shared).expand_as(blocks).reshape(x.shape)
-    return _quantize(x, scale, fmt)
+    scale = scale_from_amax(blocks.abs().amax(dim=-1, keepdim=True), fmt, scale_mode)
+    return _quantize(x, scale.expand_as(blocks).reshape(x.shape), fmt)
 
 
 class DelayedScaling:
@@ -104,22 +159,249 @@ class DelayedScaling:
 
     The scale used now comes only from earlier amaxes, so it can be computed before x is seen; a
     value larger than the history predicted is clamped to the format's max. The first call, with no
-    history yet, uses its own amax.
+    history yet, uses its own amax. Rule for non-finite data: an inf or NaN amax is not recorded (the
+    loss scaler skips that step anyway), so one bad batch cannot poison the next ``history`` steps.
     """
 
     def __init__(self, fmt: str | FloatFormat = E4M3, history: int = 16):
-        if history < 1:
-            raise ValueError(f"history must be >= 1, got {history}")
+        if isinstance(history, bool) or not isinstance(history, int) or history < 1:
+            raise ValueError(f"history must be an integer >= 1, got {history!r}")
         self.fmt = get_format(fmt)
         self.history: list[float] = []
         self.length = history
 
     def __call__(self, x: torch.Tensor) -> Quantized:
+        _check(x, "DelayedScaling")
         amax = float(x.detach().abs().amax())
         reference = max(self.history) if self.history else amax
-        self.history = (self.history + [amax])[-self.length :]
-        return _quantize(x, _scale_from_amax(torch.tensor(reference), self.fmt, False), self.fmt)
+        if amax == amax and amax != float("inf"):
+            self.history = (self.history + [amax])[-self.length :]
+        return _quantize(x, scale_from_amax(torch.tensor(reference), self.fmt), self.fmt)
 
+
+# --- recipes as data -------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class CastConfig:
+    """How one operand of one matrix product goes to FP8.
+
+    ``fmt``: the element format, or None to keep the operand in high precision (torchao's
+    ``ScalingType.DISABLED``). ``granularity``: which values share a scale, always counted along the
+    product's reduction dimension K: one per tensor, one per row (``axiswise``), one per ``block``
+    tile of (rows, K) values (``blockwise``; (1, 128) or (128, 128)), or one per ``block[1]`` values
+    (``mx``). ``scale_mode``: see ``scale_from_amax``.
+    """
+
+    fmt: str | None = "e4m3fn"
+    granularity: str = "tensorwise"
+    block: tuple[int, int] = (1, 1)
+    scale_mode: str = "real"
+
+    def __post_init__(self):
+        if self.fmt is not None:
+            get_format(self.fmt)  # fails with the valid names
+        if self.granularity not in GRANULARITIES:
+            raise ValueError(f"granularity must be one of {GRANULARITIES}, got {self.granularity!r}")
+        if self.scale_mode not in SCALE_MODES:
+            raise ValueError(f"scale_mode must be one of {SCALE_MODES}, got {self.scale_mode!r}")
+        if self.granularity == "mx" and self.scale_mode == "real":
+            raise ValueError("MX scales are powers of two: scale_mode must be 'floor', 'rceil', 'ceil' or 'even'")
+        if len(self.block) != 2 or any(isinstance(b, bool) or not isinstance(b, int) or b < 1 for b in self.block):
+            raise ValueError(f"block must be two positive integers (rows, K), got {self.block!r}")
+
+    def quantize(self, x: torch.Tensor, k_dim: int) -> Quantized | None:
+        """``x`` (2-D) quantized with this config, its scales grouped along dimension ``k_dim``; None if ``fmt`` is None."""
+        if self.fmt is None:
+            return None
+        if x.dim() != 2:
+            raise ValueError(f"an operand of a matrix product is 2-D, got shape {tuple(x.shape)}")
+        t = x if k_dim in (1, -1) else x.t()  # put K last: every granularity groups along the last dimension
+        q = {"tensorwise": lambda: quantize_tensorwise(t, self.fmt, self.scale_mode),
+             "axiswise": lambda: quantize_rowwise(t, self.fmt, self.scale_mode),
+             "blockwise": lambda: quantize_blockwise(t, self.block, self.fmt, self.scale_mode),
+             "mx": lambda: quantize_mx(t, self.fmt, self.block[1], self.scale_mode)}[self.granularity]()
+        if t is x:
+            return q
+        return Quantized(q.values.t(), q.scale.t() if q.scale.dim() == 2 else q.scale, q.fmt)
+
+    def cast(self, x: torch.Tensor, k_dim: int) -> torch.Tensor:
+        """What the matrix product sees: ``x`` quantized and dequantized (in FP32), or ``x`` itself."""
+        q = self.quantize(x, k_dim)
+        return x.float() if q is None else q.dequantize()
+
+
+@dataclass(frozen=True)
+class Accumulator:
+    """A matrix product's running sum with ``mantissa_bits`` (FP32's exponent range), added into FP32
+    every ``promote_every`` products (None: never), as DeepSeek-V3 does with N_C = 128 on H800
+    tensor cores, whose FP8 accumulator keeps about 14 significant bits (13 stored)."""
+
+    mantissa_bits: int = 13
+    promote_every: int | None = 128
+
+    def __post_init__(self):
+        if not 1 <= self.mantissa_bits <= 23:
+            raise ValueError(f"mantissa_bits must be in 1..23, got {self.mantissa_bits}")
+        if self.promote_every is not None and self.promote_every < 1:
+            raise ValueError(f"promote_every must be >= 1 or None, got {self.promote_every}")
+
+
+def matmul(a: torch.Tensor, b: torch.Tensor, accumulator: Accumulator | None = None) -> torch.Tensor:
+    """``a @ b`` in FP32, or with ``accumulator``'s narrow running sum (one product at a time: slow, for study)."""
+    if accumulator is None:
+        return a.float() @ b.float()
+    fmt = custom_format(8, accumulator.mantissa_bits)
+    total = torch.zeros(a.shape[0], b.shape[1], device=a.device)
+    part = torch.zeros_like(total)
+    for k in range(a.shape[1]):
+        part = round_to_format(part + a[:, k : k + 1].float() * b[k : k + 1, :].float(), fmt)
+        if accumulator.promote_every and (k + 1) % accumulator.promote_every == 0:
+            total, part = total + part, torch.zeros_like(part)
+    return total + part
+
+
+@dataclass(frozen=True)
+class Float8LinearConfig:
+    """A linear layer's FP8 recipe: how each operand of its three matrix products is cast.
+
+    output = input @ weight.T; grad_input = grad_output @ weight; grad_weight = grad_output.T @ input.
+    The ``*_for_grad_*`` configs default to the operand's main config, as in torchao.
+    """
+
+    cast_config_input: CastConfig = CastConfig("e4m3fn")
+    cast_config_input_for_grad_weight: CastConfig | None = None
+    cast_config_weight: CastConfig = CastConfig("e4m3fn")
+    cast_config_weight_for_grad_input: CastConfig | None = None
+    cast_config_grad_output: CastConfig = CastConfig("e5m2")
+    cast_config_grad_output_for_grad_weight: CastConfig | None = None
+    accumulator: Accumulator | None = None  # None: products accumulate in FP32
+    recipe: str = "custom"
+
+    def __post_init__(self):
+        for main, derived in (("input", "input_for_grad_weight"), ("weight", "weight_for_grad_input"),
+                              ("grad_output", "grad_output_for_grad_weight")):
+            if getattr(self, f"cast_config_{derived}") is None:
+                object.__setattr__(self, f"cast_config_{derived}", getattr(self, f"cast_config_{main}"))
+        for a, b, product in (("input", "weight", "output"), ("grad_output", "weight_for_grad_input", "grad_input"),
+                              ("grad_output_for_grad_weight", "input_for_grad_weight", "grad_weight")):
+            if (getattr(self, f"cast_config_{a}").fmt is None) != (getattr(self, f"cast_config_{b}").fmt is None):
+                raise ValueError(f"the {product} product needs both operands in FP8 or both in high precision")
+
+    @staticmethod
+    def from_recipe_name(recipe_name: str) -> Float8LinearConfig:
+        """A named recipe: torchao's ``tensorwise``, ``rowwise``, ``rowwise_with_gw_hp``, and
+        ``blockwise`` (DeepSeek-V3) and ``mxfp8`` (OCP MX)."""
+        name = getattr(recipe_name, "value", recipe_name)  # accepts torchao's Float8LinearRecipeName too
+        if name == "tensorwise":  # E4M3 forward, E5M2 gradients, one real scale per tensor
+            return Float8LinearConfig(recipe=name)
+        if name == "rowwise":  # E4M3 everywhere, one power-of-two scale per row along K
+            row = CastConfig("e4m3fn", "axiswise", scale_mode="rceil")
+            return Float8LinearConfig(row, None, row, None, row, recipe=name)
+        if name == "rowwise_with_gw_hp":  # rowwise; the weight gradient's product in high precision
+            row = CastConfig("e4m3fn", "axiswise", scale_mode="rceil")
+            high = CastConfig(None)
+            return Float8LinearConfig(row, high, row, CastConfig("e4m3fn", scale_mode="rceil"), row, high, recipe=name)
+        if name == "blockwise":  # DeepSeek-V3: 1×128 activations and gradients, 128×128 weights, E4M3, FP32 scales
+            tile, square = CastConfig("e4m3fn", "blockwise", (1, 128)), CastConfig("e4m3fn", "blockwise", (128, 128))
+            return Float8LinearConfig(tile, None, square, None, tile, recipe=name)
+        if name == "mxfp8":  # OCP MX: 32 values along K share an E8M0 scale (floor rule), E4M3 everywhere
+            mx = CastConfig("e4m3fn", "mx", (1, 32), "floor")
+            return Float8LinearConfig(mx, None, mx, None, mx, recipe=name)
+        raise ValueError(f"unknown FP8 recipe {recipe_name!r}; valid: {', '.join(RECIPES)}")
+
+
+class _Float8Matmul(torch.autograd.Function):
+    """input (M, K) @ weight (N, K).T with each operand cast by its config; the backward casts again
+    along each product's own reduction dimension, from the high-precision tensors, as torchao does."""
+
+    @staticmethod
+    def forward(ctx, x, weight, config: Float8LinearConfig):
+        ctx.save_for_backward(x, weight)
+        ctx.config = config
+        c = config
+        return matmul(c.cast_config_input.cast(x, 1), c.cast_config_weight.cast(weight, 1).t(), c.accumulator)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        x, weight = ctx.saved_tensors
+        c = ctx.config
+        grad_x = matmul(c.cast_config_grad_output.cast(grad_out, 1), c.cast_config_weight_for_grad_input.cast(weight, 0), c.accumulator)
+        grad_w = matmul(c.cast_config_grad_output_for_grad_weight.cast(grad_out, 0).t(), c.cast_config_input_for_grad_weight.cast(x, 0),
+                        c.accumulator)
+        return grad_x, grad_w, None
+
+
+class Float8Linear(nn.Linear):
+    """``nn.Linear`` whose three matrix products are emulated FP8 as ``config`` says; the bias stays high precision."""
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = True, config: Float8LinearConfig | None = None,
+                 device=None, dtype=None):
+        super().__init__(in_features, out_features, bias=bias, device=device, dtype=dtype)
+        self.config = config or Float8LinearConfig(recipe="tensorwise")
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = _Float8Matmul.apply(x.reshape(-1, x.shape[-1]), self.weight, self.config).to(x.dtype)
+        out = out.reshape(*x.shape[:-1], self.out_features)
+        return out + self.bias.to(out.dtype) if self.bias is not None else out
+
+    @classmethod
+    def from_float(cls, linear: nn.Linear, config: Float8LinearConfig | None = None) -> Float8Linear:
+        layer = cls(linear.in_features, linear.out_features, bias=linear.bias is not None, config=config,
+                    device=linear.weight.device, dtype=linear.weight.dtype)
+        layer.load_state_dict(linear.state_dict())
+        return layer
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, recipe={self.config.recipe}"
+
+
+def linear_from_conv1d(conv) -> nn.Linear:
+    """transformers' GPT-2 ``Conv1D`` (weight stored in×out) as an equivalent ``nn.Linear`` (out×in)."""
+    n_in, n_out = conv.weight.shape
+    linear = nn.Linear(n_in, n_out, device=conv.weight.device, dtype=conv.weight.dtype)
+    with torch.no_grad():
+        linear.weight.copy_(conv.weight.t())
+        linear.bias.copy_(conv.bias)
+    return linear
+
+
+def swap_linears(model: nn.Module, make, skip=lambda module, fqn: False) -> list[str]:
+    """Replace every ``nn.Linear`` and GPT-2 ``Conv1D`` for which ``skip(module, fqn)`` is false by ``make(linear)``."""
+    from transformers.pytorch_utils import Conv1D
+
+    swapped = []
+    for name, module in list(model.named_modules()):
+        for child_name, child in list(module.named_children()):
+            full = f"{name}.{child_name}" if name else child_name
+            if not isinstance(child, nn.Linear | Conv1D) or isinstance(child, Float8Linear):
+                continue
+            linear = linear_from_conv1d(child) if isinstance(child, Conv1D) else child
+            if skip(linear, full):
+                continue
+            setattr(module, child_name, make(linear))
+            swapped.append(full)
+    return swapped
+
+
+def convert_to_float8_training(module: nn.Module, *, module_filter_fn=None, config: Float8LinearConfig | None = None) -> nn.Module:
+    """Swap ``module``'s linear layers (and GPT-2's ``Conv1D``) for emulated ``Float8Linear`` in place; returns ``module``.
+
+    Same name and signature as ``torchao.float8.convert_to_float8_training``: ``module_filter_fn(mod, fqn)``
+    returns False for layers to keep in high precision.
+    """
+    config = config or Float8LinearConfig(recipe="tensorwise")
+    keep = (lambda mod, fqn: not module_filter_fn(mod, fqn)) if module_filter_fn else (lambda mod, fqn: False)
+    swap_linears(module, lambda linear: Float8Linear.from_float(linear, config), skip=keep)
+    return module
+
+
+def fits_recipe(linear: nn.Module, recipe: str) -> bool:
+    """Whether this layer's sizes suit the recipe's blocks (the layers that do not stay in high precision)."""
+    multiple = {"blockwise": 128, "mxfp8": 32}.get(recipe, 16)  # 16: torch._scaled_mm's alignment
+    return linear.in_features % multiple == 0 and linear.out_features % multiple == 0
+
+
+# --- matrix products on FP8 operands, native or emulated --------------------------------------
 
 def native_scaled_mm(a: Quantized, b: Quantized, out_dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """``torch._scaled_mm`` on FP8 operands: a (M, K) and b (N, K), each with a tensorwise or rowwise scale.
@@ -139,82 +421,37 @@ def native_scaled_mm(a: Quantized, b: Quantized, out_dtype: torch.dtype = torch.
     )
 
 
+def _scale_kind(q: Quantized, rows: int) -> str | None:
+    """'tensor', 'row' or None (anything else: blocks, MX), from the scale's shape."""
+    if q.scale.numel() == 1:
+        return "tensor"
+    if q.scale.dim() == 2 and q.scale.shape == (rows, 1):
+        return "row"
+    return None
+
+
 def scaled_matmul(a: Quantized, b: Quantized, native: bool = True, out_dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """``a.dequantize() @ b.dequantize().T`` from FP8 operands, the way FP8 GEMMs compute it.
 
-    a: (M, K) with a tensorwise or rowwise (M, 1) scale; b: (N, K), likewise, as weights are stored.
-    native: use ``native_scaled_mm`` where this device and torch have the kernel; otherwise the same
-    product is emulated in FP32. Returns (M, N).
+    a: (M, K), b: (N, K), as weights are stored; any scale layout. native: use ``native_scaled_mm``
+    where the operands are tensorwise or rowwise and this device and torch have the kernel;
+    otherwise the same product is emulated in FP32. Returns (M, N).
     """
+    if a.values.dim() != 2 or b.values.dim() != 2:
+        raise ValueError(f"scaled_matmul takes 2-D operands, got shapes {tuple(a.values.shape)} and {tuple(b.values.shape)}")
     if a.values.shape[-1] != b.values.shape[-1]:
         raise ValueError(f"inner dimensions differ: {tuple(a.values.shape)} and {tuple(b.values.shape)}")
-    if native:
+    if out_dtype not in (torch.float32, torch.bfloat16, torch.float16):
+        raise ValueError(f"out_dtype must be float32, bfloat16 or float16, got {out_dtype}")
+    if native and _scale_kind(a, a.values.shape[0]) and _scale_kind(b, b.values.shape[0]):
         try:
             return native_scaled_mm(a, b, out_dtype)
         except (RuntimeError, NotImplementedError, TypeError):
-            pass  # no such FP8 kernel (or not an FP8 dtype torch knows): fall through to the emulation
-    return ((a.values @ b.values.t()) / (a.scale.reshape(-1, 1) * b.scale.reshape(1, -1))).to(out_dtype)
+            pass  # no such FP8 kernel here (or not an FP8 dtype torch knows): emulate the same product
+    return (a.dequantize() @ b.dequantize().t()).to(out_dtype)
 
 
-class _Fp8Matmul(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, weight):
-        xq, wq = quantize_tensorwise(x, E4M3).dequantize(), quantize_tensorwise(weight, E4M3).dequantize()
-        ctx.save_for_backward(xq, wq)
-        return xq @ wq.t()
-
-    @staticmethod
-    def backward(ctx, grad_out):
-        xq, wq = ctx.saved_tensors
-        gq = quantize_tensorwise(grad_out, E5M2).dequantize()
-        grad_x = gq @ wq
-        grad_w = gq.reshape(-1, gq.shape[-1]).t() @ xq.reshape(-1, xq.shape[-1])
-        return grad_x, grad_w
-
-
-class Fp8Linear(nn.Linear):
-    """``nn.Linear`` whose matmul is emulated FP8 (E4M3 forward, E5M2 gradients); the bias stays FP32."""
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = _Fp8Matmul.apply(x, self.weight)
-        return out + self.bias if self.bias is not None else out
-
-
-def linear_from_conv1d(conv) -> nn.Linear:
-    """transformers' GPT-2 ``Conv1D`` (weight stored in×out) as an equivalent ``nn.Linear`` (out×in)."""
-    n_in, n_out = conv.weight.shape
-    linear = nn.Linear(n_in, n_out, device=conv.weight.device, dtype=conv.weight.dtype)
-    with torch.no_grad():
-        linear.weight.copy_(conv.weight.t())
-        linear.bias.copy_(conv.bias)
-    return linear
-
-
-def swap_linears(model: nn.Module, make, skip: tuple[str, ...] = ("lm_head",)) -> list[str]:
-    """Replace every ``nn.Linear`` and GPT-2 ``Conv1D`` (except names in ``skip``) by ``make(linear)``; returns their names.
-
-    The output layer is skipped by default: its weight is tied to the token embedding, and FP8 recipes
-    keep the first and last layers in higher precision.
-    """
-    from transformers.pytorch_utils import Conv1D
-
-    swapped = []
-    for name, module in list(model.named_modules()):
-        for child_name, child in list(module.named_children()):
-            full = f"{name}.{child_name}" if name else child_name
-            if full in skip or not isinstance(child, nn.Linear | Conv1D):
-                continue
-            linear = linear_from_conv1d(child) if isinstance(child, Conv1D) else child
-            setattr(module, child_name, make(linear))
-            swapped.append(full)
-    return swapped
-
-
-def to_emulated_fp8(linear: nn.Linear) -> Fp8Linear:
-    layer = Fp8Linear(linear.in_features, linear.out_features, bias=linear.bias is not None, device=linear.weight.device, dtype=linear.weight.dtype)
-    layer.load_state_dict(linear.state_dict())
-    return layer
-
+# --- which engine runs FP8 training here ------------------------------------------------------
 
 def native_fp8_available(device: torch.device | str | None = None) -> tuple[bool, str]:
     """Whether torchao float8 training can run here, and if not, why."""
@@ -230,21 +467,27 @@ def native_fp8_available(device: torch.device | str | None = None) -> tuple[bool
     return True, "torchao float8 training"
 
 
-def convert_to_fp8(model: nn.Module, device: torch.device | str | None = None) -> str:
-    """Make ``model``'s linear layers FP8, natively where possible; returns which way it was done.
+def convert_to_fp8(model: nn.Module, device: torch.device | str | None = None, recipe: str = "tensorwise") -> str:
+    """Make ``model``'s linear layers FP8 with ``recipe``; returns which engine does it, and why.
 
-    Native: GPT-2's ``Conv1D`` layers become ``nn.Linear``, then torchao's
-    ``convert_to_float8_training`` swaps those whose sizes are multiples of 16. Otherwise every
-    linear becomes an emulated ``Fp8Linear``.
+    torchao's ``convert_to_float8_training`` where this GPU has FP8 and torchao has the recipe;
+    elsewhere the emulated ``Float8Linear``. The output layer (tied to the embedding) and layers
+    whose sizes do not suit the recipe's blocks stay in high precision.
     """
-    native, why = native_fp8_available(device)
-    if native:
-        from torchao.float8 import convert_to_float8_training
+    config = Float8LinearConfig.from_recipe_name(recipe)  # fails early on unknown names
 
-        swap_linears(model, lambda linear: linear)
-        convert_to_float8_training(
-            model, module_filter_fn=lambda mod, fqn: fqn != "lm_head" and mod.in_features % 16 == 0 and mod.out_features % 16 == 0
-        )
-        return "native (torchao float8, tensorwise scaling)"
-    swap_linears(model, to_emulated_fp8)
-    return f"emulated ({why})"
+    def wanted(mod, fqn):
+        return fqn != "lm_head" and fits_recipe(mod, recipe)
+
+    native, why = native_fp8_available(device)
+    if native and recipe in TORCHAO_RECIPES:
+        import torchao.float8 as ao
+
+        swap_linears(model, lambda linear: linear)  # GPT-2's Conv1D -> nn.Linear, which torchao converts
+        ao.convert_to_float8_training(model, module_filter_fn=wanted, config=ao.Float8LinearConfig.from_recipe_name(recipe))
+        return f"native (torchao float8, {recipe})"
+    if native:
+        why = f"torchao.float8 has no '{recipe}' recipe"
+    convert_to_float8_training(model, module_filter_fn=wanted, config=config)
+    return f"emulated {recipe} ({why})"
+

@@ -35,7 +35,7 @@ def storyteller(size: str = "tiny", steps: int = 1000, precision: str = "fp32", 
     """
     from transformers import GPT2LMHeadModel
 
-    if precision == "fp8":
+    if str(precision).startswith("fp8"):
         raise ValueError("storyteller() caches plain GPT-2 checkpoints; train an fp8 model with story.train on a copy instead")
     progress = train_options.pop("progress", True)  # how it is shown does not change what is trained: not part of the key
     stories = load_stories("offline", n=n_stories, seed=seed)
