@@ -250,3 +250,15 @@ def test_narrow_accumulator_loses_more_as_k_grows_and_promotion_bounds_it():
     assert errors["narrow", 4096] > 4 * errors["narrow", 256]  # the partial sum grows, its ULP with it
     assert errors["promoted", 4096] < errors["narrow", 4096] / 4
     assert errors["fp32", 4096] < errors["promoted", 4096]
+
+
+def test_fp8_exercise_checkers():
+    """The outlier exercise's solution says: every recipe but tensorwise; the MX one: 1000 comes back as 896."""
+    from mixprec.exercises import check_mx_block, check_outlier_recipe
+    from mixprec.fp8 import RECIPES
+
+    assert {r for r in RECIPES if check_outlier_recipe(r)} == set(RECIPES) - {"tensorwise"}
+    assert check_mx_block(1000.0, 896.0) and not check_mx_block(1000.0, 1000.0)
+    assert check_mx_block(300.0, 288.0)  # scale 2^0: 300 rounds to 288 on the E4M3 grid (spacing 32 above 256)
+    for bad in (None, "x", math.nan, math.inf, [1, 2], torch.ones(3)):
+        assert not check_outlier_recipe(bad) and not check_mx_block(1000.0, bad) and not check_mx_block(bad, 896.0)

@@ -173,7 +173,9 @@ class Policy:
             return {"weights": low, "grads": low, "optimizer": 8 + (2 if self.update_rounding == "kahan" else 0), "autocast_cache": 0}
         cache = {None: 0, torch.float16: 2, torch.bfloat16: 2}[self.autocast_dtype]
         if self.fp8:
-            cache = 1  # the FP8 copy of each linear weight, made for the forward pass
+            # the FP8 copy of each linear weight made for the forward pass, and its scales: one E8M0 byte
+            # per 32 values (mxfp8), one FP32 per 128×128 block; per tensor or per row (4/K bytes) is negligible
+            cache = 1 + {"mxfp8": 1 / 32, "blockwise": 4 / 128**2}.get(self.fp8, 0)
         return {"weights": 4, "grads": 4, "optimizer": 8, "autocast_cache": cache}
 
 
@@ -332,7 +334,7 @@ def _float_dtypes(tree) -> list[str]:
 
 # --- memory -----------------------------------------------------------------------------------
 
-MEMORY_POLICIES = BASE_POLICIES + ("round-all:fp16", "round-all:bf16")
+MEMORY_POLICIES = BASE_POLICIES + FP8_POLICIES[1:] + ("round-all:fp16", "round-all:bf16")
 
 # Bytes per parameter for each component, per policy, with AdamW (two moments per parameter); the
 # policies own it (``Policy.bytes_per_parameter``). Activations depend on batch and sequence length,

@@ -280,3 +280,63 @@ def check_tokens_per_second(fn: Callable[[torch.Tensor, int, float], float]) -> 
             hint = "按请求的最大长度计算会高估提前结束的序列" if yours > truth else "EOS 本身也是生成的词元，要算进去"
             return CheckResult(False, [f"{name}：你的结果 {yours:g}，应为 {truth:g}（{hint}）"])
     return CheckResult(True, [f"{len(cases)} 种情况都正确：每个序列算到并包括它的第一个 EOS"])
+
+
+def _as_float(answer) -> float | None:
+    """A reader's numeric answer as a finite float, or None (strings, None, NaN, inf, tensors of many values)."""
+    try:
+        value = float(answer)
+    except (TypeError, ValueError, RuntimeError, OverflowError):
+        return None
+    return value if math.isfinite(value) else None
+
+
+def outlier_tensor(seed: int = 0) -> torch.Tensor:
+    """The activation of the recipe exercise: 256 tokens × 256 features, token 7 a hundred thousand times larger."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(256, 256, generator=g)
+    x[7] *= 1e5
+    return x
+
+
+def check_outlier_recipe(recipe: str) -> CheckResult:
+    """Which FP8 recipe quantizes ``outlier_tensor()`` (as a linear layer's input) with the smallest
+    error on the tokens other than the outlier? Answer a recipe name from ``mixprec.fp8.RECIPES``."""
+    from .debug import relative_error
+    from .fp8 import RECIPES, Float8LinearConfig
+
+    if not isinstance(recipe, str) or recipe not in RECIPES:
+        return CheckResult(False, [f"请回答一个配方名：{', '.join(RECIPES)}（收到 {recipe!r}）"])
+    x = outlier_tensor()
+    others = torch.ones(256, dtype=torch.bool)
+    others[7] = False
+    errors = {name: relative_error(Float8LinearConfig.from_recipe_name(name).cast_config_input.cast(x, 1)[others], x[others])
+              for name in RECIPES}
+    best = min(errors.values())
+    table = "；".join(f"{name} {err:.2%}" for name, err in errors.items())
+    if errors[recipe] <= best * 1.5:  # the per-row and per-block recipes differ only by how they round the scale
+        return CheckResult(True, [f"其余词元的相对误差：{table}。按张量的缩放因子被异常值定死，其余词元挤进次正规数甚至下溢；"
+                                  f"每行（每个词元）或每块有自己的缩放因子，异常值只影响它自己所在的行或块。"])
+    return CheckResult(False, [f"{recipe} 的误差是 {errors[recipe]:.2%}，还有更小的。想一想：异常值所在的那个缩放因子还管着哪些数？"])
+
+
+def check_mx_block(amax: float, restored) -> CheckResult:
+    """A 32-value block whose largest magnitude is ``amax`` goes to MXFP8 (E4M3, the spec's floor
+    scale). What does that largest value come back as? ``restored``: your prediction."""
+    from .fp8 import quantize_mx
+
+    value, guess = _as_float(amax), _as_float(restored)
+    if value is None or value <= 0:
+        return CheckResult(False, [f"amax 应是一个有限的正数，收到 {amax!r}"])
+    if guess is None:
+        return CheckResult(False, [f"请给出一个有限的数作为预测，收到 {restored!r}"])
+    block = torch.zeros(1, 32)
+    block[0, 0] = value
+    q = quantize_mx(block)
+    truth, scale = float(q.dequantize()[0, 0]), float(q.scale[0, 0])
+    stored = float(q.values[0, 0])
+    why = (f"共享指数使缩放因子为 2^{math.log2(scale):.0f}：amax × 缩放 = {value * scale:g}，"
+           + ("超过 448，被截断为 448" if value * scale > 448 else f"舍入到 E4M3 得 {stored:g}") + f"，还原后是 {truth:g}。")
+    if guess == truth:
+        return CheckResult(True, [why])
+    return CheckResult(False, [f"预测 {guess:g}，实际 {truth:g}。提示：先算 floor(log2(amax)) − 8，再看 amax 除以 2 的这个幂后是否超过 448。"])
