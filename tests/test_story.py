@@ -8,7 +8,7 @@ from mixprec import bench
 from mixprec.amp import BASE_POLICIES, FP8_POLICIES, MasterWeights, get_policy
 from mixprec.emulate import RoundAllOps
 from mixprec.formats import E4M3, FP16, round_to_format
-from mixprec.fp8 import Float8Linear, linear_from_conv1d, quantize_tensorwise, swap_linears
+from mixprec.fp8 import Float8Linear, linear_from_conv1d, quantization_errors, quantize_tensorwise, swap_linears
 from mixprec.optim import BF16AdamW
 from mixprec.story import (
     build_model,
@@ -159,6 +159,13 @@ def test_every_fp8_recipe_trains(precision, tokenizer, data):
     assert recipes == {precision.removeprefix("fp8:")}
     assert sum(isinstance(m, Float8Linear) for m in model.modules()) == 4 * len(model.transformer.h)
     assert any(precision.removeprefix("fp8:") in note for note in history.notes)
+    x, y = data.batch(4, 32, torch.Generator().manual_seed(0))
+    errors = quantization_errors(model, x, y)
+    assert set(errors) == {n for n, m in model.named_modules() if isinstance(m, Float8Linear)}
+    assert all(0 < layer["output"] < 0.2 and 0 <= layer["grad_weight"] < 0.2 for layer in errors.values())  # a few per cent
+    if precision == "fp8:rowwise_with_gw_hp":  # its weight-gradient product runs in high precision
+        assert all(layer["grad_weight"] < 1e-6 for layer in errors.values())
+    assert all(p.grad is None for p in model.parameters())  # measuring leaves no gradients behind
 
 
 def test_training_is_reproducible(tokenizer, data):
