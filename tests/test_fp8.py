@@ -262,3 +262,13 @@ def test_fp8_exercise_checkers():
     assert check_mx_block(300.0, 288.0)  # scale 2^0: 300 rounds to 288 on the E4M3 grid (spacing 32 above 256)
     for bad in (None, "x", math.nan, math.inf, [1, 2], torch.ones(3)):
         assert not check_outlier_recipe(bad) and not check_mx_block(1000.0, bad) and not check_mx_block(bad, 896.0)
+
+
+def test_block_recipes_name_the_token_count_they_need():
+    from mixprec.fp8 import Float8Linear
+
+    layer = Float8Linear.from_float(torch.nn.Linear(128, 128), Float8LinearConfig.from_recipe_name("blockwise"))
+    with pytest.raises(ValueError, match="32 tokens.*multiple of 128"):
+        layer(torch.randn(2, 16, 128))
+    with torch.no_grad():
+        assert layer(torch.randn(2, 16, 128)).shape == (2, 16, 128)  # no weight gradient, no constraint

@@ -209,6 +209,11 @@ class CastConfig:
         if len(self.block) != 2 or any(isinstance(b, bool) or not isinstance(b, int) or b < 1 for b in self.block):
             raise ValueError(f"block must be two positive integers (rows, K), got {self.block!r}")
 
+    @property
+    def k_multiple(self) -> int:
+        """The reduction dimension must be a multiple of this (the block's length along K)."""
+        return self.block[1] if self.fmt is not None and self.granularity in ("blockwise", "mx") else 1
+
     def quantize(self, x: torch.Tensor, k_dim: int) -> Quantized | None:
         """``x`` (2-D) quantized with this config, its scales grouped along dimension ``k_dim``; None if ``fmt`` is None."""
         if self.fmt is None:
@@ -340,6 +345,11 @@ class Float8Linear(nn.Linear):
         self.config = config or Float8LinearConfig(recipe="tensorwise")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        c, tokens = self.config, x.numel() // max(x.shape[-1], 1)
+        need = max(c.cast_config_grad_output_for_grad_weight.k_multiple, c.cast_config_input_for_grad_weight.k_multiple)
+        if torch.is_grad_enabled() and self.weight.requires_grad and tokens % need:
+            raise ValueError(f"the {c.recipe} recipe quantizes the weight gradient's operands in blocks of {need} along the "
+                             f"tokens; this batch has {tokens} tokens (batch × sequence), not a multiple of {need}")
         out = _Float8Matmul.apply(x.reshape(-1, x.shape[-1]), self.weight, self.config).to(x.dtype)
         out = out.reshape(*x.shape[:-1], self.out_features)
         return out + self.bias.to(out.dtype) if self.bias is not None else out
