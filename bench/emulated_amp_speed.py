@@ -1,10 +1,11 @@
-"""Step time of emulated AMP against FP32 on this machine: the tiny storyteller, interleaved rounds, medians.
+"""Step time of emulated AMP and FP8 against FP32 on this machine: the tiny storyteller, interleaved rounds, medians.
 
     python bench/emulated_amp_speed.py [--steps 20] [--rounds 5]
 
 Prints the median time per training step for each policy and its ratio to FP32. ``fp16-amp`` and
 ``bf16-amp`` on a CPU run ``mixprec.emulate.EmulatedAutocast`` (CUDA's op lists); ``:native`` is
-the CPU's own autocast (real FP16/BF16 kernels); ``round-all:fp16`` is whole-network rounding.
+the CPU's own autocast (real FP16/BF16 kernels); ``round-all:fp16`` is whole-network rounding;
+``fp8:<recipe>`` the emulated FP8 linears of each recipe (``mixprec.fp8.Float8Linear``).
 """
 
 from __future__ import annotations
@@ -15,11 +16,11 @@ import time
 
 import torch
 from mixprec import story
-from mixprec.amp import get_policy
+from mixprec.amp import FP8_POLICIES, get_policy
 from mixprec.step import train_step
 from mixprec.story.train import lm_loss
 
-POLICIES = ("fp32", "fp16-amp", "bf16-amp", "fp16-amp:cpu-lists", "round-all:fp16", "fp16-amp:native", "bf16-amp:native")
+POLICIES = ("fp32", "fp16-amp", "bf16-amp", "fp16-amp:cpu-lists", "round-all:fp16", "fp16-amp:native", "bf16-amp:native", *FP8_POLICIES)
 
 
 def main(argv=None) -> None:
