@@ -89,8 +89,6 @@ def key_value(value: Any, where: str = "option") -> Any:
     ``repr`` would either hide settings (two different objects, one key) or hold a memory address
     (a key that never hits).
     """
-    import torch
-
     if value is None or isinstance(value, (bool, int, str)):
         return value
     if isinstance(value, float):
@@ -101,7 +99,8 @@ def key_value(value: Any, where: str = "option") -> Any:
         if not all(isinstance(k, str) for k in value):
             raise CacheKeyError(f"{where}: dict keys in a cache key must be strings, got {list(value)!r}")
         return {k: key_value(v, f"{where}.{k}") for k, v in sorted(value.items())}
-    if isinstance(value, (torch.dtype, torch.device, Path)):
+    torch = sys.modules.get("torch")  # an object of torch's can only exist if torch is imported
+    if isinstance(value, Path) or (torch is not None and isinstance(value, (torch.dtype, torch.device))):
         return str(value)
     if isinstance(value, enum.Enum):
         return f"{type(value).__name__}.{value.name}"
@@ -178,10 +177,9 @@ def _write_manifest(tmp: Path, kind: str, key: dict) -> None:
         with open(file, "rb") as f:
             os.fsync(f.fileno())
         files[file.relative_to(tmp).as_posix()] = {"size": file.stat().st_size, "sha256": _sha256(file)}
-    import torch
-
+    torch = sys.modules.get("torch")
     manifest = {"format": MANIFEST_FORMAT, "kind": kind, "key": key, "files": files,
-                "produced_by": {"mixprec": __version__, "source": source_hash(), "torch": torch.__version__,
+                "produced_by": {"mixprec": __version__, "source": source_hash(), "torch": getattr(torch, "__version__", None),
                                 "python": sys.version.split()[0], "pid": os.getpid(),
                                 "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}}
     with open(tmp / MANIFEST, "w") as f:

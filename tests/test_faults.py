@@ -1,0 +1,258 @@
+"""The fault suite: one test per class of the reliability review (``../shared/reviews/reliability-2026-11.md``).
+
+Each test names the review rows it covers and asserts the behaviour (the right result, or a clear
+error), not just "no exception". Kept fast: tiny models and step counts; where a test is about the
+cache and not about training, training is replaced by a counter.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+from mixprec import cache as mcache
+
+ROOT = Path(__file__).resolve().parents[1]
+CODE = ROOT / "code"
+TINY = dict(size="tiny", steps=2, n_stories=300, batch_size=4, block_size=32, progress=False)
+
+
+def _env(cache_root: Path) -> dict[str, str]:
+    return {**os.environ, "MIXPREC_CACHE": str(cache_root), "PYTHONPATH": str(CODE), "OMP_NUM_THREADS": "1"}
+
+
+# --- cache integrity (rows 1-5, 13, 21, 33: MIXPREC_CACHE a file) --------------------------------------
+
+
+def _fake_train(calls: list):
+    """Stands in for ``story.train`` where a test is about the cache: no steps, a fixed history."""
+    from mixprec.step import TrainHistory
+
+    def train(model, data, precision="fp32", **options):
+        calls.append(precision)
+        with torch.no_grad():
+            model.transformer.wte.weight.mul_(0.5)  # trained weights differ from the initial ones
+        history = TrainHistory(precision, "cpu", 1, 1)
+        history.loss.append(1.25)
+        return history
+
+    return train
+
+
+@pytest.fixture(scope="module")
+def filled_cache(tmp_path_factory):
+    """A cache holding one tiny storyteller and its tokenizer, and the model's weights, filled once."""
+    from mixprec import story
+
+    root = tmp_path_factory.mktemp("cache")
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("MIXPREC_CACHE", str(root))
+        patch.setattr(story, "train", _fake_train([]))
+        model, tokenizer, _, history = story.storyteller(**TINY)
+    return root, {k: v.clone() for k, v in model.state_dict().items()}, tokenizer.get_vocab(), history.loss
+
+
+@pytest.fixture
+def counted_training(monkeypatch):
+    """Counts the storyteller's training runs (each one fake: the test is about the cache)."""
+    from mixprec import story
+
+    calls = []
+    monkeypatch.setattr(story, "train", _fake_train(calls))
+    return calls
+
+
+def _entry(root: Path, kind: str) -> Path:
+    (entry,) = [p for p in root.iterdir() if p.name.startswith(kind + "-")]
+    return entry
+
+
+def _overwrite_bytes(path: Path) -> None:
+    data = bytearray(path.read_bytes())
+    data[-64:] = b"\xff" * 64  # the end of the last tensor: NaN weights in bfloat16/float32
+    path.write_bytes(bytes(data))
+
+
+def _edit_config(path: Path) -> None:
+    config = json.loads(path.read_text())
+    config["n_layer"] = 1
+    path.write_text(json.dumps(config))
+
+
+def _swap_vocab(path: Path) -> None:
+    data = json.loads(path.read_text())
+    vocab = data["model"]["vocab"]
+    a, b = list(vocab)[300:302]
+    vocab[a], vocab[b] = vocab[b], vocab[a]
+    path.write_text(json.dumps(data))
+
+
+DAMAGE = {
+    "safetensors-bytes": ("storyteller", "model.safetensors", _overwrite_bytes),  # row 1
+    "config-n_layer": ("storyteller", "config.json", _edit_config),  # row 2
+    "tokenizer-swap": ("tokenizer", "tokenizer.json", _swap_vocab),  # row 3
+    "history-truncated": ("storyteller", "history.json", lambda p: p.write_text(p.read_text()[:20])),  # rows 5, 21
+    "safetensors-truncated": ("storyteller", "model.safetensors", lambda p: p.write_bytes(p.read_bytes()[:1000])),  # row 21
+    "safetensors-deleted": ("storyteller", "model.safetensors", Path.unlink),  # row 21
+    "config-deleted": ("storyteller", "config.json", Path.unlink),  # row 21
+    "tokenizer-garbage": ("tokenizer", "tokenizer.json", lambda p: p.write_text("garbage")),  # row 21
+    "manifest-deleted": ("storyteller", "manifest.json", Path.unlink),  # a partial entry
+    "manifest-garbage": ("storyteller", "manifest.json", lambda p: p.write_text("{")),
+    "extra-file": ("storyteller", "pytorch_model.bin", lambda p: p.write_bytes(b"planted")),
+}
+
+
+@pytest.mark.parametrize("damage", list(DAMAGE))
+def test_damaged_cache_entry_is_rebuilt_never_loaded(damage, filled_cache, tmp_path, monkeypatch, counted_training, capsys):
+    """Rows 1, 2, 3, 5, 21: corrupt, truncate, delete or swap a cached file -> one line on stderr, rebuilt, right result."""
+    from mixprec import story
+
+    source, weights, vocab, loss = filled_cache
+    root = tmp_path / "cache"
+    shutil.copytree(source, root)
+    monkeypatch.setenv("MIXPREC_CACHE", str(root))
+    kind, name, damage_fn = DAMAGE[damage]
+    damage_fn(_entry(root, kind) / name)
+    model, tokenizer, _, history = story.storyteller(**TINY)
+    err = capsys.readouterr().err
+    damaged_lines = [line for line in err.splitlines() if "damaged" in line]
+    assert len(damaged_lines) == 1 and _entry(root, kind).name in damaged_lines[0], err
+    assert len(counted_training) == (1 if kind == "storyteller" else 0)
+    assert tokenizer.get_vocab() == vocab and history.loss == loss
+    assert all(torch.equal(model.state_dict()[k], v) for k, v in weights.items()) and model.config.n_layer == 2
+    assert mcache.verify(_entry(root, kind)) is None  # healed: the next call loads it
+    story.storyteller(**TINY)
+    assert "damaged" not in capsys.readouterr().err and len(counted_training) == (1 if kind == "storyteller" else 0)
+
+
+def test_cache_key_covers_library_source(tmp_path, monkeypatch):
+    """Row 4: the training code changed, same arguments and version -> a different key (retrain)."""
+    monkeypatch.setenv("MIXPREC_CACHE", str(tmp_path))
+    copy = tmp_path / "pkg"
+    shutil.copytree(mcache.PACKAGE_DIR, copy, ignore=shutil.ignore_patterns("__pycache__"))
+    assert mcache.source_hash.__wrapped__(copy) == mcache.source_hash(mcache.PACKAGE_DIR)
+    step = copy / "step.py"
+    step.write_text(step.read_text() + "\n# a change to the training step\n")
+    assert mcache.source_hash.__wrapped__(copy) != mcache.source_hash(mcache.PACKAGE_DIR)
+    widgets = copy / "widgets.py"  # presentation only: not part of the hash
+    before = mcache.source_hash.__wrapped__(copy)
+    widgets.write_text(widgets.read_text() + "\n# a change to a widget\n")
+    assert mcache.source_hash.__wrapped__(copy) == before
+    key = mcache.cache_key("storyteller", size="tiny")
+    monkeypatch.setattr(mcache, "source_hash", lambda root=None: "0" * 64)
+    assert mcache.cache_key("storyteller", size="tiny") != key
+
+
+def test_cache_key_of_object_options(tmp_path, monkeypatch):
+    """Row 13: scalers keyed by their full configuration; callables and arbitrary objects refused before any work."""
+    from mixprec import story
+    from mixprec.scaling import DynamicLossScaler, StaticLossScaler
+
+    monkeypatch.setenv("MIXPREC_CACHE", str(tmp_path))
+    key = lambda **o: mcache.cache_key("storyteller", options=o)  # noqa: E731
+    assert key(scaler=DynamicLossScaler(growth_interval=100)) != key(scaler=DynamicLossScaler(growth_interval=200))
+    assert key(scaler=DynamicLossScaler(backoff_factor=0.25)) != key(scaler=DynamicLossScaler())
+    assert key(scaler=DynamicLossScaler()) == key(scaler=DynamicLossScaler())  # a fresh object hits
+    assert key(scaler=StaticLossScaler(1024.0)) != key(scaler=DynamicLossScaler(1024.0, growth_interval=10**9))
+    assert key(scaler=torch.amp.GradScaler("cpu", growth_interval=7)) != key(scaler=torch.amp.GradScaler("cpu"))
+    assert key(lr=float("nan")) == key(lr=float("nan"))
+    with pytest.raises(mcache.CacheKeyError, match="callable"):
+        key(after_backward=lambda step, model: None)
+    with pytest.raises(mcache.CacheKeyError, match="cannot be part of a cache key"):
+        key(thing=object())
+    monkeypatch.setattr(story, "load_stories", lambda *a, **k: pytest.fail("work started before the option was refused"))
+    with pytest.raises(mcache.CacheKeyError, match="after_backward"):
+        story.storyteller("tiny", steps=2, after_backward=lambda step, model: None)
+
+
+def test_cache_dir_that_is_a_file(tmp_path, monkeypatch):
+    """Row 33: MIXPREC_CACHE pointing at a file -> a clear error naming it."""
+    target = tmp_path / "not-a-dir"
+    target.write_text("x")
+    monkeypatch.setenv("MIXPREC_CACHE", str(target))
+    with pytest.raises(NotADirectoryError, match="MIXPREC_CACHE .*not-a-dir.* is a file"):
+        mcache.cache_dir()
+    res = subprocess.run([sys.executable, "-m", "mixprec.cache", "list"], env=_env(target), capture_output=True, text=True)
+    assert res.returncode != 0 and "is a file" in res.stderr and "Traceback" not in res.stderr
+
+
+_WRITER = textwrap.dedent("""
+    import os, signal, sys, time
+    from pathlib import Path
+    from mixprec import cache
+    log, mode = Path(sys.argv[1]), sys.argv[2]
+
+    def build(directory):
+        with open(log, "a") as f:
+            f.write("build\\n")
+        (directory / "a.txt").write_text("first half")
+        if mode == "slow":
+            time.sleep(1.5)
+        (directory / "b.txt").write_text("second half")
+        return "built"
+
+    if mode == "kill":
+        cache._before_publish = lambda tmp: os.kill(os.getpid(), signal.SIGKILL)
+    value = cache.cached("demo", {"x": 1}, build, lambda entry: "loaded:" + (entry / "a.txt").read_text())
+    print(value)
+""")
+
+
+def _writer(tmp_path: Path, root: Path, mode: str) -> subprocess.Popen:
+    script = tmp_path / "writer.py"
+    script.write_text(_WRITER)
+    return subprocess.Popen([sys.executable, str(script), str(tmp_path / "builds.log"), mode], env=_env(root),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def test_killed_writer_leaves_no_entry_and_heals(tmp_path):
+    """Row 5: a writer killed mid-write (at the hook before publishing) leaves nothing a reader can load; the next call rebuilds."""
+    root = tmp_path / "cache"
+    killed = _writer(tmp_path, root, "kill")
+    killed.communicate(timeout=60)
+    assert killed.returncode == -signal.SIGKILL
+    assert [p.name for p in root.iterdir() if p.name.startswith("demo-")] == []  # nothing published
+    assert any(p.name.startswith(".tmp-demo-") for p in root.iterdir())  # the half-written directory is aside
+    verify = subprocess.run([sys.executable, "-m", "mixprec.cache", "verify"], env=_env(root), capture_output=True, text=True)
+    assert verify.returncode == 0 and "unfinished temporary" in verify.stdout
+    again = _writer(tmp_path, root, "fast")  # the lock died with the killed writer: no deadlock
+    out, err = again.communicate(timeout=60)
+    assert again.returncode == 0 and out.strip() == "built", err
+    assert (tmp_path / "builds.log").read_text().count("build") == 2
+    loaded = _writer(tmp_path, root, "fast")
+    assert loaded.communicate(timeout=60)[0].strip() == "loaded:first half"
+    clear = subprocess.run([sys.executable, "-m", "mixprec.cache", "clear"], env=_env(root), capture_output=True, text=True)
+    assert clear.returncode == 0 and [p for p in root.iterdir() if not p.name.startswith(".locks")] == []
+
+
+def test_two_writers_at_once_train_once(tmp_path):
+    """Two processes filling the same key: the second waits on the lock and loads what the first built."""
+    root = tmp_path / "cache"
+    first = _writer(tmp_path, root, "slow")
+    second = _writer(tmp_path, root, "slow")
+    outputs = sorted(p.communicate(timeout=60)[0].strip() for p in (first, second))
+    assert outputs == ["built", "loaded:first half"]
+    assert (tmp_path / "builds.log").read_text().count("build") == 1
+
+
+def test_cache_cli_list_verify_clear(filled_cache, tmp_path):
+    """``python -m mixprec.cache``: list names every entry, verify flags a damaged one (exit 1), clear --kind removes one kind."""
+    root = tmp_path / "cache"
+    shutil.copytree(filled_cache[0], root)
+    run = lambda *args: subprocess.run([sys.executable, "-m", "mixprec.cache", *args], env=_env(root), capture_output=True, text=True)  # noqa: E731
+    listed = run("list")
+    assert listed.returncode == 0 and _entry(root, "storyteller").name in listed.stdout and _entry(root, "tokenizer").name in listed.stdout
+    assert run("verify").returncode == 0
+    _edit_config(_entry(root, "storyteller") / "config.json")
+    verify = run("verify")
+    assert verify.returncode == 1 and "DAMAGED: config.json: " in verify.stdout
+    assert run("clear", "--kind", "storyteller").returncode == 0
+    assert [p.name.split("-")[0] for p in root.iterdir() if not p.name.startswith(".")] == ["tokenizer"]
