@@ -8,6 +8,7 @@ cache and not about training, training is replaced by a counter.
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 import signal
@@ -256,3 +257,99 @@ def test_cache_cli_list_verify_clear(filled_cache, tmp_path):
     assert verify.returncode == 1 and "DAMAGED: config.json: " in verify.stdout
     assert run("clear", "--kind", "storyteller").returncode == 0
     assert [p.name.split("-")[0] for p in root.iterdir() if not p.name.startswith(".")] == ["tokenizer"]
+
+
+# --- loss scalers: GradScaler-grade misuse checks (rows 6, 7, 12, 30, 31) ---------------------------------
+
+
+def _one_step_setup(dtype=torch.float32, grad=1.0):
+    torch.manual_seed(0)
+    model = torch.nn.Linear(2, 1).to(dtype)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    for p in model.parameters():
+        p.grad = torch.full_like(p, grad)
+    return model, optimizer
+
+
+def _scalers():
+    from mixprec.scaling import DynamicLossScaler, StaticLossScaler
+
+    scalers = {"ours-dynamic": DynamicLossScaler(init_scale=0.5), "ours-static": StaticLossScaler(0.5),
+               "GradScaler": torch.amp.GradScaler("cpu", init_scale=0.5)}
+    for scaler in scalers.values():
+        scaler.scale(torch.ones(()))  # GradScaler makes its scale tensor on first use
+    return scalers
+
+
+@pytest.mark.parametrize("name", ["ours-dynamic", "ours-static", "GradScaler"])
+def test_scaler_refuses_unscaling_fp16_gradients(name):
+    """Row 6: FP16 gradients of 60000 unscaled by 0.5 would be inf and the weights -inf; GradScaler refuses, so do we."""
+    scaler = _scalers()[name]
+    model, optimizer = _one_step_setup(torch.float16, grad=60000.0)
+    before = [p.detach().clone() for p in model.parameters()]
+    with pytest.raises(ValueError, match="Attempting to unscale FP16 gradients"):
+        scaler.step(optimizer)
+    assert all(torch.equal(p, b) for p, b in zip(model.parameters(), before))
+    assert all(torch.isfinite(p.grad).all() for p in model.parameters())  # nothing half-divided
+    assert scaler.get_scale() == 0.5
+
+
+MISUSE = {
+    "step-twice": (lambda s, o: (s.step(o), s.step(o)), RuntimeError, "step\\(\\) has already been called"),
+    "unscale-twice": (lambda s, o: (s.unscale_(o), s.unscale_(o)), RuntimeError, "already been called on this optimizer"),
+    "unscale-after-step": (lambda s, o: (s.step(o), s.unscale_(o)), RuntimeError, "after step"),
+    "update-without-step": (lambda s, o: s.update(), AssertionError, "No inf checks were recorded"),
+    "update-twice": (lambda s, o: (s.step(o), s.update(), s.update()), AssertionError, "No inf checks were recorded"),
+    "closure": (lambda s, o: s.step(o, closure=lambda: 0.0), RuntimeError, "Closure"),
+    "scale-float": (lambda s, o: s.scale(1.0), ValueError, "outputs must be a Tensor"),
+    "scale-dict": (lambda s, o: s.scale({"loss": torch.tensor(1.0)}), ValueError, "outputs must be a Tensor"),
+    "load-empty": (lambda s, o: s.load_state_dict({}), RuntimeError, "state dict is empty"),
+}
+
+
+@pytest.mark.parametrize("misuse", list(MISUSE))
+@pytest.mark.parametrize("name", ["ours-dynamic", "ours-static", "GradScaler"])
+def test_scaler_misuse_raises_what_gradscaler_raises(name, misuse):
+    """Rows 12, 30: step() twice (the update applied twice), update() without step() (the scale grew), and the rest."""
+    scaler = _scalers()[name]
+    model, optimizer = _one_step_setup()
+    call, error, message = MISUSE[misuse]
+    if name == "GradScaler" and misuse == "scale-dict":
+        return  # GradScaler returns a lazy map over the dict's keys that fails later; ours refuses at once
+    before = scaler.get_scale()
+    with pytest.raises(error, match=message):
+        call(scaler, optimizer)
+    if misuse in ("step-twice", "update-without-step"):
+        assert scaler.get_scale() == before
+    if misuse == "step-twice":
+        assert torch.allclose(model.weight, _one_step_setup()[0].weight - 0.1 * 2.0)  # stepped once (grad 1 / scale 0.5)
+
+
+def test_scaler_options_and_loaded_state_are_validated():
+    """Rows 7, 30, 31: scales that are 0 or inf in float32, NaN/inf factors, bool intervals, bad loaded state."""
+    from mixprec.scaling import DynamicLossScaler, StaticLossScaler
+
+    for bad in (1e-50, 1e39, 0.0, -1.0, math.nan, math.inf):
+        with pytest.raises(ValueError, match="representable in float32"):
+            StaticLossScaler(bad)
+    for bad in (dict(growth_factor=math.nan), dict(growth_factor=math.inf), dict(growth_factor=0.5), dict(backoff_factor=2.0),
+                dict(backoff_factor=math.nan), dict(backoff_factor=1e-60), dict(growth_interval=0), dict(min_scale=math.nan),
+                dict(min_scale=1e9)):
+        with pytest.raises(ValueError):
+            DynamicLossScaler(**bad)
+    for bad in (dict(growth_factor="2"), dict(growth_interval=True), dict(growth_interval=2.0), dict(init_scale="1024"),
+                dict(init_scale=None)):
+        with pytest.raises(TypeError, match="must be"):
+            DynamicLossScaler(**bad)
+    scaler = DynamicLossScaler(init_scale=8.0, growth_interval=3)
+    good = scaler.state_dict()
+    for bad, error in ((dict(scale=math.nan), ValueError), (dict(scale=-1.0), ValueError), (dict(backoff_factor=2.0), ValueError),
+                       (dict(growth_interval=True), TypeError), (dict(_growth_tracker=5), ValueError), (dict(growth_factor=math.inf), ValueError)):
+        with pytest.raises(error):
+            scaler.load_state_dict({**good, **bad})
+        assert scaler.state_dict() == good  # nothing half-loaded
+    with pytest.raises(ValueError, match="missing"):
+        scaler.load_state_dict(StaticLossScaler(4.0).state_dict())  # static state into a dynamic scaler
+    gradscaler = torch.amp.GradScaler("cpu", init_scale=4.0, growth_interval=7)
+    scaler.load_state_dict(gradscaler.state_dict())  # GradScaler's state is accepted
+    assert scaler.get_scale() == 4.0 and scaler.growth_interval == 7
