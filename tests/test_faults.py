@@ -353,3 +353,42 @@ def test_scaler_options_and_loaded_state_are_validated():
     gradscaler = torch.amp.GradScaler("cpu", init_scale=4.0, growth_interval=7)
     scaler.load_state_dict(gradscaler.state_dict())  # GradScaler's state is accepted
     assert scaler.get_scale() == 4.0 and scaler.growth_interval == 7
+
+
+# --- BF16AdamW resumes exactly (row 8) -------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("rounding", ["nearest", "stochastic", "kahan"])
+def test_bf16_adamw_resumes_bit_for_bit(rounding, tmp_path):
+    """Row 8: N steps == k steps + save/load (through a file) + N-k steps, bit for bit, for all three roundings."""
+    from mixprec.optim import BF16AdamW
+
+    def run(steps, model=None, optimizer_state=None):
+        if model is None:
+            torch.manual_seed(0)
+            model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.Tanh(), torch.nn.Linear(16, 1)).to(torch.bfloat16)
+        optimizer = BF16AdamW(model.parameters(), lr=1e-3, weight_decay=0.01, rounding=rounding, seed=3)
+        if optimizer_state is not None:
+            optimizer.load_state_dict(optimizer_state)
+        for step in steps:
+            x = torch.randn(4, 8, generator=torch.Generator().manual_seed(step)).to(torch.bfloat16)
+            model.zero_grad()
+            model(x).float().pow(2).mean().backward()
+            optimizer.step()
+        return model, optimizer
+
+    whole, _ = run(range(10))
+    half, optimizer = run(range(4))
+    torch.save({"model": half.state_dict(), "optimizer": optimizer.state_dict()}, tmp_path / "ckpt.pt")
+    checkpoint = torch.load(tmp_path / "ckpt.pt", weights_only=False)
+    state = checkpoint["optimizer"]["state"][0]
+    assert state["exp_avg"].dtype == torch.float32 and ("compensation" in state) == (rounding == "kahan")
+    torch.manual_seed(0)
+    fresh = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.Tanh(), torch.nn.Linear(16, 1)).to(torch.bfloat16)
+    fresh.load_state_dict(checkpoint["model"])
+    resumed, optimizer = run(range(4, 10), fresh, checkpoint["optimizer"])
+    assert all(optimizer.state[p]["exp_avg"].dtype == torch.float32 for p in resumed.parameters())
+    assert all(torch.equal(a, b) for a, b in zip(whole.parameters(), resumed.parameters()))
+    other = "kahan" if rounding != "kahan" else "nearest"
+    with pytest.raises(ValueError, match="rounding"):
+        BF16AdamW(fresh.parameters(), rounding=other).load_state_dict(checkpoint["optimizer"])
