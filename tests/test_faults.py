@@ -392,3 +392,49 @@ def test_bf16_adamw_resumes_bit_for_bit(rounding, tmp_path):
     other = "kahan" if rounding != "kahan" else "nearest"
     with pytest.raises(ValueError, match="rounding"):
         BF16AdamW(fresh.parameters(), rounding=other).load_state_dict(checkpoint["optimizer"])
+
+
+# --- the autocast inspector never runs an op twice (row 9) --------------------------------------------------
+
+
+def _inspected_run(inspector):
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.BatchNorm1d(8), torch.nn.ReLU(inplace=True), torch.nn.Dropout(0.5),
+                                torch.nn.Linear(8, 2)).train()
+    x = torch.randn(16, 4)
+    with torch.amp.autocast("cpu", dtype=torch.bfloat16), (inspector() if inspector else torch.autograd.grad_mode.no_grad()) as seen:
+        y = model(x)
+        z = torch.ones(3)
+        z.add_(1)  # an in-place op
+        torch.nn.functional.dropout(z, 0.5, inplace=True)
+    return y.detach(), model[1].running_mean.clone(), model[1].running_var.clone(), z, torch.rand(4), seen
+
+
+def _assert_same_as_without_inspector(inspector):
+    plain, inspected = _inspected_run(None), _inspected_run(inspector)
+    for a, b in zip(plain[:5], inspected[:5]):
+        assert torch.equal(a, b)  # outputs, running stats, in-place results and the RNG stream after the forward
+    return inspected[5]
+
+
+def test_autocast_inspector_has_no_side_effects():
+    """Row 9: BatchNorm running stats, in-place ops, dropout and the RNG stream are the same with and without the inspector."""
+    from mixprec.inspector import AutocastInspector
+
+    seen = _assert_same_as_without_inspector(AutocastInspector)
+    summary = seen.summary()
+    assert summary["linear"] == {"lowered": 2} and summary["batch_norm"] == {"unchanged": 1}
+    a = torch.randn(4, 4)  # and it still tells autocast's doing from type promotion
+    with torch.amp.autocast("cpu", dtype=torch.bfloat16), AutocastInspector() as seen:
+        torch.mm(a, a)
+        a.bfloat16() + a
+        torch.nn.functional.cross_entropy(a.bfloat16(), torch.zeros(4, dtype=torch.long))
+    assert {r.name: r.category for r in seen.records} == {"mm": "lowered", "add": "promoted", "bfloat16": "unchanged", "cross_entropy": "fp32"}
+
+
+@pytest.mark.xfail(strict=True, reason="amp.py is being rewritten by the FP8 work; amp.AutocastInspector should become "
+                                       "mixprec.inspector.AutocastInspector (then drop this mark)")
+def test_amp_autocast_inspector_has_no_side_effects():
+    from mixprec.amp import AutocastInspector
+
+    _assert_same_as_without_inspector(AutocastInspector)
