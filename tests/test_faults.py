@@ -438,3 +438,60 @@ def test_amp_autocast_inspector_has_no_side_effects():
     from mixprec.amp import AutocastInspector
 
     _assert_same_as_without_inspector(AutocastInspector)
+
+
+# --- exercise checkers never raise on a reader's answer, and never pass a wrong one (rows 10, 26) ----------
+
+
+def _raises(*args):
+    raise RuntimeError("boom")
+
+
+BAD_NUMBERS = [None, "1.0", True, math.nan, math.inf, -math.inf, 10**400, [1.0], torch.ones(3), object()]
+
+
+@pytest.mark.parametrize("answer", BAD_NUMBERS, ids=lambda v: type(v).__name__ + ":" + repr(v)[:12])
+def test_number_checkers_give_feedback_on_bad_answers(answer):
+    from mixprec import exercises as ex
+
+    results = [
+        ex.check_format_limits("fp16", max=answer, min_normal=2.0**-14, min_subnormal=2.0**-24, eps=2.0**-10),
+        ex.check_memory("fp32", 1000, weights=answer, grads=4000, optimizer=8000),
+        ex.check_smallest_update("bf16", 1.0, answer),
+        ex.check_tokens_per_second(lambda tokens, eos, seconds: answer),
+        ex.check_kahan_sum(lambda values, dtype: answer),
+    ]
+    for result in results:
+        assert not result and result.messages and str(result).startswith("✘")
+        assert all("Traceback" not in m for m in result.messages)
+
+
+def test_checkers_feedback_is_specific():
+    """Row 10: NaN or a plain FP32 sum no longer pass the Kahan checker; row 26: NaN gets its own hint, not an unrelated one."""
+    from mixprec import exercises as ex
+
+    nan_sum = ex.check_kahan_sum(lambda v, d: math.nan)
+    assert not nan_sum and "NaN" in nan_sum.messages[0]
+    fp32_sum = ex.check_kahan_sum(lambda v, d: float(v.sum()))
+    assert not fp32_sum and "不是 torch.bfloat16 能表示的数" in fp32_sum.messages[0]
+    tps = ex.check_tokens_per_second(lambda tokens, eos, seconds: math.nan)
+    assert not tps and "NaN" in tps.messages[0] and "EOS 本身" not in tps.messages[0]
+    assert "None" in ex.check_tokens_per_second(lambda tokens, eos, seconds: None).messages[0]
+    assert "运行出错" in ex.check_tokens_per_second(_raises).messages[0]
+    assert "字符串" in ex.check_memory("fp32", 1000, weights="4000", grads=4000, optimizer=8000).messages[0]
+    assert not ex.check_memory(["fp32"], 1000, weights=4000, grads=4000, optimizer=8000)
+    assert not ex.check_memory("fp32", -5, weights=4000, grads=4000, optimizer=8000)
+    assert not ex.check_format_limits("fp17", max=1, min_normal=1, min_subnormal=1, eps=1)
+    assert not ex.check_format_limits("fp16", max="✔", min_normal=2.0**-14, min_subnormal=2.0**-24, eps=2.0**-10)
+    assert not ex.check_smallest_update("fp16", math.nan, 1.0)
+    for fn, expected in ((_raises, "异常"), (lambda x: None, "同形状"), (lambda x: x[:2], "同形状"), (lambda x: x.to(torch.complex64), "实数"),
+                         (lambda x: torch.full_like(x, math.nan), "应得到"), ("not a function", "需要一个函数")):
+        result = ex.check_round_to_fp16(fn)
+        assert not result and expected in result.messages[-1], result.messages
+    for fn, expected in ((_raises, "运行出错"), (lambda x, w, b, eps: None, "应返回张量"), (lambda x, w, b, eps: x[0], "不一致"), (None, "需要一个函数")):
+        result = ex.check_mystery_fix(fn)
+        assert not result and expected in result.messages[0], result.messages
+    for make, expected in ((_raises, "运行出错"), (3, "需要一个创建缩放器的函数")):
+        result = ex.check_loss_scaler(make)
+        assert not result and expected in result.messages[0]
+    assert ex.check_kahan_sum(lambda v, d: float(ex.running_sum(v, d, "kahan")[-1]))  # the right answer still passes
