@@ -495,3 +495,87 @@ def test_checkers_feedback_is_specific():
         result = ex.check_loss_scaler(make)
         assert not result and expected in result.messages[0]
     assert ex.check_kahan_sum(lambda v, d: float(ex.running_sum(v, d, "kahan")[-1]))  # the right answer still passes
+
+
+# --- the CLI validates everything before any work (rows 22, 23, 24, 33: --warmup-steps) ------------------
+
+BAD_CLI = {
+    "precision": (["train", "--precision", "fp17"], "--precision: unknown precision 'fp17'"),
+    "steps-0": (["train", "--steps", "0"], "--steps must be >= 1"),
+    "steps-neg": (["train", "--steps", "-3"], "--steps must be >= 1"),
+    "stories": (["train", "--stories", "0"], "--stories must be >="),
+    "batch": (["train", "--batch-size", "0"], "--batch-size must be >= 1"),
+    "block": (["train", "--block-size", "1000"], "--block-size must be in 2..256"),
+    "warmup": (["train", "--warmup-steps", "-5"], "--warmup-steps must be >= 0"),
+    "out-dir": (["train", "--out", "{tmp}"], "is a directory"),
+    "out-under-file": (["train", "--out", "{tmp}/file.txt/r.json"], "is a file, not a directory"),
+    "out-empty": (["train", "--out", ""], "--out needs a file name"),
+    "out-unwritable": (["train", "--out", "/proc/r.json"], "cannot write in"),
+    "repeat": (["generate", "--repeat", "0"], "--repeat must be >= 1"),
+    "new-tokens-0": (["generate", "--new-tokens", "0"], "--new-tokens must be >= 1"),
+    "new-tokens-neg": (["generate", "--new-tokens", "-5"], "--new-tokens must be >= 1"),
+    "new-tokens-past-context": (["generate", "--new-tokens", "300"], "--new-tokens must be at most"),
+    "generate-precision": (["generate", "--precision", "fp17"], "unknown inference precision"),
+    "train-steps": (["generate", "--train-steps", "0"], "--train-steps must be >= 1"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_CLI))
+def test_cli_user_error_is_one_line_before_any_work(case, tmp_path, monkeypatch, capsys):
+    from mixprec import bench
+
+    (tmp_path / "file.txt").write_text("x")
+    argv, message = BAD_CLI[case]
+    monkeypatch.setattr(bench, "load_stories", lambda *a, **k: pytest.fail("work started before the arguments were checked"))
+    monkeypatch.setattr(bench, "storyteller", lambda *a, **k: pytest.fail("work started before the arguments were checked"))
+    with pytest.raises(SystemExit) as exit_info:
+        bench.main([a.format(tmp=tmp_path) for a in argv])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and message in err and "Traceback" not in err, err
+
+
+def test_cli_in_a_subprocess_prints_one_line(tmp_path):
+    res = subprocess.run([sys.executable, "-m", "mixprec.bench", "train", "--steps", "0"], env=_env(tmp_path), capture_output=True, text=True)
+    lines = [line for line in res.stderr.splitlines() if "mixprec.bench" in line or "Traceback" in line]
+    assert res.returncode == 2 and lines == ["python -m mixprec.bench train: error: --steps must be >= 1, got 0"], res.stderr
+
+
+@pytest.fixture(scope="module")
+def tiny_lm(filled_cache, tmp_path_factory):
+    from mixprec import story
+
+    root = tmp_path_factory.mktemp("lm-cache")
+    shutil.copytree(filled_cache[0], root, dirs_exist_ok=True)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("MIXPREC_CACHE", str(root))
+        patch.setattr(story, "train", lambda *a, **k: pytest.fail("the cache should have held this model"))
+        model, tokenizer, _, _ = story.storyteller(**TINY)
+    return model, tokenizer
+
+
+def test_generate_checks_prompt_and_context_window(tiny_lm):
+    """Rows 24, 25: past n_positions, a prompt longer than the window, an empty prompt -> clear errors before generating."""
+    from mixprec.story import generate, time_generation
+
+    model, tokenizer = tiny_lm
+    n = model.config.n_positions
+    prompt = "Once upon a time"
+    k = len(tokenizer(prompt)["input_ids"])
+    with pytest.raises(ValueError, match=f"context window of {n} positions: ask for at most {n - k} new tokens"):
+        generate(model, tokenizer, prompt, max_new_tokens=n)
+    with pytest.raises(ValueError, match="shorten the prompt"):
+        generate(model, tokenizer, "the cat " * 300, max_new_tokens=5)
+    with pytest.raises(ValueError, match="prompt is empty"):
+        generate(model, tokenizer, "", max_new_tokens=5)
+    with pytest.raises(ValueError, match="max_new_tokens must be an integer >= 1"):
+        generate(model, tokenizer, prompt, max_new_tokens=0)
+    with pytest.raises(TypeError, match="prompt must be a string"):
+        generate(model, tokenizer, None)
+    with pytest.raises(ValueError, match="context window"):
+        time_generation(model, tokenizer, prompt, max_new_tokens=n, repeat=1)
+    long = "the cat " * 126
+    k = len(tokenizer(long)["input_ids"])
+    assert n - 20 < k < n
+    result = generate(model, tokenizer, long, max_new_tokens=n - k, greedy=True)  # exactly the window: allowed
+    assert 1 <= len(result.token_ids) <= n - k
