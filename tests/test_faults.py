@@ -579,3 +579,50 @@ def test_generate_checks_prompt_and_context_window(tiny_lm):
     assert n - 20 < k < n
     result = generate(model, tokenizer, long, max_new_tokens=n - k, greedy=True)  # exactly the window: allowed
     assert 1 <= len(result.token_ids) <= n - k
+
+
+# --- recorded GPU results (rows 11, 27, 28) ------------------------------------------------------------------
+
+GOOD_RECORD = {"device": "NVIDIA H100", "torch_version": "2.5.0", "date": "2026-01-01", "command": "python -m mixprec.bench train"}
+BAD_RECORDS = {
+    "malformed": ("{", "not a readable JSON file"),
+    "empty": ("", "not a readable JSON file"),
+    "number": ("3", "must be a JSON object, got int"),
+    "list": ("[1, 2]", "must be a JSON object, got list"),
+    "directory": (None, "not a readable JSON file"),
+    "provenance-list": (json.dumps({**GOOD_RECORD, "device": ["H100"]}), "must be non-empty strings"),
+    "provenance-null": (json.dumps({**GOOD_RECORD, "date": None}), "must be non-empty strings"),
+    "provenance-int": (json.dumps({**GOOD_RECORD, "command": 5}), "must be non-empty strings"),
+    "provenance-blank": (json.dumps({**GOOD_RECORD, "torch_version": "  "}), "must be non-empty strings"),
+    "provenance-missing": (json.dumps({"device": "H100"}), "lacks provenance fields"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_RECORDS))
+def test_load_recorded_names_the_file_in_every_error(case, tmp_path):
+    from mixprec import hw
+
+    text, message = BAD_RECORDS[case]
+    path = tmp_path / f"train_{case}.json"
+    if text is None:
+        path.mkdir()
+    else:
+        path.write_text(text, encoding="utf-8")
+    with pytest.raises(ValueError, match=message) as info:
+        hw.load_recorded("train_", tmp_path)
+    assert str(path) in str(info.value)
+
+
+def test_load_recorded_bom_name_and_package_data(tmp_path):
+    from mixprec import hw
+
+    (tmp_path / "train_bom.json").write_text("\ufeff" + json.dumps(GOOD_RECORD), encoding="utf-8")
+    assert hw.load_recorded("train_", tmp_path) == [GOOD_RECORD]  # a BOM is not an error
+    for name in ("*", "../train_", "a/b"):
+        with pytest.raises(ValueError, match="plain file-name prefix"):
+            hw.load_recorded(name, tmp_path)
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        hw.load_recorded("train_", tmp_path / "missing")
+    # row 11: the default directory is package data, so an installed package (Colab) finds it
+    assert hw.PACKAGE_GPU_DATA.is_dir() and hw.PACKAGE_GPU_DATA.is_relative_to(Path(hw.__file__).parent)
+    assert '"data/gpu/*.json"' in (CODE / "pyproject.toml").read_text()
