@@ -626,3 +626,79 @@ def test_load_recorded_bom_name_and_package_data(tmp_path):
     # row 11: the default directory is package data, so an installed package (Colab) finds it
     assert hw.PACKAGE_GPU_DATA.is_dir() and hw.PACKAGE_GPU_DATA.is_relative_to(Path(hw.__file__).parent)
     assert '"data/gpu/*.json"' in (CODE / "pyproject.toml").read_text()
+
+
+# --- formats (rows 17, 18, 19, 33: ulp of NaN) ----------------------------------------------------------------
+
+
+def _nearest_even_reference(x: torch.Tensor, grid: torch.Tensor, codes: torch.Tensor) -> torch.Tensor:
+    """Round each |x| to the nearest of ``grid`` (sorted, finite, >= 0), ties to the even code; brute force."""
+    out = []
+    for v in x.abs().tolist():
+        i = int(torch.searchsorted(grid, torch.tensor(v, dtype=grid.dtype)))
+        if i < len(grid) and grid[i] == v:
+            out.append(float(grid[i]))
+            continue
+        lo, hi = max(i - 1, 0), min(i, len(grid) - 1)
+        dlo, dhi = abs(v - float(grid[lo])), abs(float(grid[hi]) - v)
+        pick = lo if dlo < dhi or (dlo == dhi and int(codes[lo]) % 2 == 0) else hi
+        out.append(float(grid[pick]))
+    return torch.tensor(out)
+
+
+@pytest.mark.parametrize("name", ["e1m1", "e1m2", "e1m3", "e1m1fn", "e1m3fn", "e2m1", "e2m3fn", "e3m2"])
+def test_tiny_formats_round_onto_their_own_grid(name):
+    """Row 17: E1Mx rounded values stay on decode_all's grid (max 1.5 for E1M1 was off it), to the nearest value."""
+    from mixprec import formats as F
+
+    fmt = F.get_format(name)
+    values = F.decode_all(fmt)
+    finite = torch.isfinite(values) & (values >= 0) & ~((values == 0) & (torch.signbit(values)))
+    grid, order = values[finite].sort()
+    codes = torch.arange(len(values))[finite][order]
+    assert fmt.max == float(grid[-1])
+    x = torch.linspace(0, fmt.max, 997)
+    got = F.round_to_format(x, fmt)
+    assert torch.equal(got, _nearest_even_reference(x, grid, codes))
+    above = F.round_to_format(torch.tensor([fmt.max * 1.6]), fmt, overflow="saturate")
+    assert above.item() == fmt.max
+
+
+def test_custom_format_names_round_trip():
+    """Row 18: get_format(custom_format(...).name) is that format, not a different one with the same short name."""
+    from mixprec import formats as F
+
+    for fmt in (F.custom_format(4, 3), F.custom_format(4, 3, "fn"), F.custom_format(3, 4), F.custom_format(5, 2, bias=20),
+                F.custom_format(2, 1, "fn", bias=0), F.custom_format(1, 2)):
+        back = F.get_format(fmt.name)
+        assert (back.exponent_bits, back.mantissa_bits, back.bias, back.special, back.max) == \
+               (fmt.exponent_bits, fmt.mantissa_bits, fmt.bias, fmt.special, fmt.max), fmt.name
+    assert F.custom_format(4, 3).max == 240.0 and F.get_format("e4m3").max == 448.0  # 'e4m3' still means E4M3FN
+    with pytest.raises(ValueError, match="no positive finite value"):
+        F.custom_format(1, 0)
+    with pytest.raises(TypeError, match="must be an int"):
+        F.custom_format(4.0, 3)
+
+
+def test_float64_statistics_are_exact():
+    """Row 19: 1e-300 is flushed (not zero) and 1e300 overflows (is not non-finite) in float64 input; no double rounding."""
+    from mixprec import formats as F
+    from mixprec.debug import tensor_stats
+
+    x = torch.tensor([1e-300, -1e-300, 1e300, 0.0, 1.0, 1e-6], dtype=torch.float64)
+    assert F.zone_fractions(x, 1.0, "fp16") == {"zero": 1 / 6, "flushed": 2 / 6, "subnormal": 1 / 6, "normal": 1 / 6, "overflow": 1 / 6}
+    assert F.zone_fractions(x, 1.0, "fp64")["normal"] == 5 / 6
+    stats = tensor_stats(x, "fp16")
+    assert stats.nonfinite == 0 and stats.above_max == 1 / 6 and stats.flushed == 2 / 6 and stats.min == -1e-300 and stats.max == 1e300
+    just_above_tie = torch.tensor([1 + 2**-11 + 2**-40, -(1 + 2**-11 + 2**-40), 65519.99999], dtype=torch.float64)
+    rounded = F.round_to_format(F.float32_for_rounding(just_above_tie, "fp16"), "fp16")
+    assert rounded.tolist() == [1 + 2**-10, -(1 + 2**-10), 65504.0]  # naive .float() first would give 1.0 for the first
+
+
+def test_ulp_of_nan_or_inf_is_an_error():
+    from mixprec.formats import FP16
+
+    for bad in (math.nan, math.inf):
+        with pytest.raises(ValueError, match="finite"):
+            FP16.ulp(bad)
+    assert FP16.ulp(1.0) == 2.0**-10

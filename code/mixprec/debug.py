@@ -171,7 +171,8 @@ def tensor_stats(x: torch.Tensor, fmt: str | FloatFormat = "fp16") -> TensorStat
     if not isinstance(x, torch.Tensor) or not x.is_floating_point():
         raise TypeError(f"tensor_stats needs a floating-point tensor, got {type(x).__name__}")
     f = get_format(fmt)
-    v = x.detach().float().flatten()
+    v = x.detach().flatten()
+    v = v if v.dtype == torch.float64 else v.float()  # float64 keeps 1e-300 and 1e300: judge them as they are
     n = v.numel()
     if n == 0:
         raise ValueError("tensor_stats needs a non-empty tensor")
