@@ -702,3 +702,110 @@ def test_ulp_of_nan_or_inf_is_an_error():
         with pytest.raises(ValueError, match="finite"):
             FP16.ulp(bad)
     assert FP16.ulp(1.0) == 2.0**-10
+
+
+# --- widgets: bad inputs show a message; every string put into a page is escaped (rows 20, 32) ------------------
+
+_FAKE_DOM = """
+function El(tag) { this.tag = tag; this.children = []; this.textContent = ""; this.innerHTML = ""; this.value = "";
+                   this.listeners = {}; this.dataset = {}; this.style = {}; this.q = {}; }
+El.prototype.appendChild = function (c) { this.children.push(c); return c; };
+El.prototype.addEventListener = function (t, f) { this.listeners[t] = f; };
+El.prototype.querySelector = function (s) { return this.q[s] || (this.q[s] = new El(s)); };
+const root = new El("div"), created = [];
+global.document = { getElementById: () => root, createElement: t => { const e = new El(t); created.push(e); return e; },
+                    createTextNode: t => new El("#text") };
+global.__type = function (selector, text) { const el = root.querySelector(selector); el.value = text; el.listeners.input(); };
+"""
+
+
+def _run_page_scripts(tmp_path, page: str, after: str) -> dict:
+    """Run the page's inline scripts in node with a fake DOM, then ``after``; returns what ``after`` prints as JSON."""
+    from html.parser import HTMLParser
+
+    class Scripts(HTMLParser):
+        def __init__(self):
+            super().__init__()
+            self.scripts, self.inside = [], False
+
+        def handle_starttag(self, tag, attrs):
+            self.inside = tag == "script"
+            if self.inside:
+                self.scripts.append("")
+
+        def handle_endtag(self, tag):
+            self.inside = False
+
+        def handle_data(self, data):
+            if self.inside:
+                self.scripts[-1] += data
+
+    parser = Scripts()
+    parser.feed(page)
+    file = tmp_path / "page.js"
+    file.write_text(_FAKE_DOM + "\n".join(parser.scripts) + "\n" + after)
+    res = subprocess.run(["node", str(file)], capture_output=True, text=True)
+    assert res.returncode == 0, res.stderr
+    return {"scripts": len(parser.scripts), "out": json.loads(res.stdout.strip().splitlines()[-1])}
+
+
+node_only = pytest.mark.skipif(shutil.which("node") is None, reason="node is not installed")
+
+
+@node_only
+def test_widget_strings_cannot_inject_script(tmp_path):
+    """Row 32: a format name containing </script> stays text: one script block, the name shown as typed, nothing injected."""
+    from mixprec.formats import FloatFormat
+    from mixprec.widgets import format_explorer
+
+    evil = '</script><script>globalThis.pwned = 1</script><img src=x onerror="globalThis.pwned=2">'
+    page = format_explorer("0.1", formats=("fp16", FloatFormat(evil, 5, 2, 15)))._repr_html_()
+    assert evil not in page
+    after = ("__type('input', '0.1'); console.log(JSON.stringify([globalThis.pwned || 0, "
+             "created.filter(e => e.className === 'mp-name').map(e => e.textContent)]))")
+    result = _run_page_scripts(tmp_path, page, after)
+    assert result["scripts"] == 1
+    assert result["out"] == [0, ["fp16", evil]]
+
+
+@node_only
+def test_memory_calculator_bad_inputs_show_a_message(tmp_path):
+    """Row 32: inf, 1e400, NaN, negative, empty and huge inputs show a message, not 'NaN GiB' or a dead widget."""
+    from mixprec.widgets import MemoryCalculator
+
+    for bad in (math.inf, math.nan, -1.0, 1e30, "12", None, True):
+        with pytest.raises(ValueError, match="millions must be a number"):
+            MemoryCalculator(bad)
+    typed = ["1e400", "NaN", "-5", "", "abc", "1e12", "124.4", "0"]
+    after = "const body = root.querySelector('tbody'); const out = [];\n" + "".join(
+        f"__type('input', {json.dumps(t)}); out.push(body.innerHTML);\n" for t in typed) + "console.log(JSON.stringify(out));"
+    out = _run_page_scripts(tmp_path, MemoryCalculator()._repr_html_(), after)["out"]
+    messages = dict(zip(typed, out))
+    for t in ("1e400", "1e12"):
+        assert "参数量太大" in messages[t]
+    assert "请输入一个数" in messages["NaN"] and "请输入一个数" in messages["abc"] and "负数" in messages["-5"] and "请输入参数量" in messages[""]
+    assert all("NaN" not in v and "Infinity" not in v for v in out)
+    assert "GiB" in messages["124.4"] and "0.00 GiB" in messages["0"]
+
+
+@node_only
+def test_scale_explorer_nan_inf_and_empty(tmp_path):
+    """Row 20: NaN and inf count as overflow (zones sum to 1, as in Python); inf no longer crashes; empty input is refused clearly."""
+    from mixprec.formats import zone_fractions
+    from mixprec.widgets import LossScaleExplorer, scale_histogram
+
+    values = torch.tensor([1.0, 2.0**-30, math.nan, math.inf, -math.inf, 0.0, 1e-3, 70000.0])
+    data = scale_histogram(values)
+    assert data["nonfinite"] == 3 and data["total"] == 8
+    after = "console.log(JSON.stringify([0, 8].map(k => MixprecScale.zones(" + json.dumps(data) + ", k)).concat([root.querySelector('tbody').innerHTML])))"
+    out = _run_page_scripts(tmp_path, LossScaleExplorer(values)._repr_html_(), after)["out"]
+    for k, got in zip([0, 8], out[:2]):
+        assert sum(got.values()) == pytest.approx(1.0) and got == pytest.approx(zone_fractions(values, 2.0**k), abs=1e-12)
+    assert "NaN%" not in out[2] and "%" in out[2]
+    with pytest.raises(ValueError, match="values is empty"):
+        scale_histogram(torch.tensor([]))
+    with pytest.raises(ValueError, match="initial_log2_scale"):
+        LossScaleExplorer(values, initial_log2_scale=100)
+    empty = {"lo": 0, "width": 0.25, "counts": [], "zeros": 0, "total": 0, "fmt": data["fmt"]}
+    script = "console.log(JSON.stringify(MixprecScale.zones(" + json.dumps(empty) + ", 0)))"
+    assert _run_page_scripts(tmp_path, LossScaleExplorer(values)._repr_html_(), script)["out"] is None
