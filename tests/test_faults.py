@@ -809,3 +809,30 @@ def test_scale_explorer_nan_inf_and_empty(tmp_path):
     empty = {"lo": 0, "width": 0.25, "counts": [], "zeros": 0, "total": 0, "fmt": data["fmt"]}
     script = "console.log(JSON.stringify(MixprecScale.zones(" + json.dumps(empty) + ", 0)))"
     assert _run_page_scripts(tmp_path, LossScaleExplorer(values)._repr_html_(), script)["out"] is None
+
+
+# --- row 33: the rest ---------------------------------------------------------------------------------------
+
+
+def test_misc_entry_points_give_clear_results():
+    """Row 33: LayerMonitor on an empty batch, perplexity(1000), evaluate([]), token_kl with -inf masks."""
+    from mixprec.debug import LayerMonitor
+    from mixprec.story import evaluate, perplexity, token_kl
+
+    model = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.ReLU())
+    with LayerMonitor(model) as monitor:
+        monitor.step = 0
+        model(torch.zeros(0, 4))  # an empty batch: nothing to record, no crash
+        model(torch.ones(2, 4))
+    assert [r.name for r in monitor.records] == ["0", "1"]
+    assert perplexity(1000) == math.inf and perplexity(math.log(5)) == pytest.approx(5) and math.isnan(perplexity(math.nan))
+    with pytest.raises(ValueError, match="cannot be negative"):
+        perplexity(-1.0)
+    with pytest.raises(ValueError, match="at least one batch"):
+        evaluate(model, [])
+    masked = torch.tensor([[0.0, 1.0, -math.inf, -math.inf]])
+    assert token_kl(masked, masked).item() == 0.0  # was NaN: 0 * (-inf - -inf)
+    assert token_kl(masked, torch.tensor([[0.0, 1.0, 2.0, -math.inf]])).item() > 0
+    assert token_kl(torch.tensor([[0.0, 1.0, 2.0, 0.0]]), masked).item() == math.inf  # p rules out what the reference allows
+    with pytest.raises(ValueError, match="all -inf"):
+        token_kl(torch.full((1, 4), -math.inf), masked)
