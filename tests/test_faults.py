@@ -836,3 +836,12 @@ def test_misc_entry_points_give_clear_results():
     assert token_kl(torch.tensor([[0.0, 1.0, 2.0, 0.0]]), masked).item() == math.inf  # p rules out what the reference allows
     with pytest.raises(ValueError, match="all -inf"):
         token_kl(torch.full((1, 4), -math.inf), masked)
+
+
+def test_gpu_workflow_cache_is_scoped_to_the_commit():
+    """Row 4 (CI): the GPU runner is persistent; its cache must not outlive the commit it was filled for."""
+    import yaml
+
+    workflow = yaml.safe_load((ROOT / ".github" / "workflows" / "gpu-book.yml").read_text())
+    cache = workflow["jobs"]["build"]["env"]["MIXPREC_CACHE"]
+    assert "${{ github.sha }}" in cache and cache.startswith("${{ github.workspace }}")
