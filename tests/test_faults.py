@@ -228,6 +228,7 @@ def test_killed_writer_leaves_no_entry_and_heals(tmp_path):
     out, err = again.communicate(timeout=60)
     assert again.returncode == 0 and out.strip() == "built", err
     assert (tmp_path / "builds.log").read_text().count("build") == 2
+    assert not any(p.name.startswith(".tmp-demo-") for p in root.iterdir())  # the next writer of the key cleared the leftover
     loaded = _writer(tmp_path, root, "fast")
     assert loaded.communicate(timeout=60)[0].strip() == "loaded:first half"
     clear = subprocess.run([sys.executable, "-m", "mixprec.cache", "clear"], env=_env(root), capture_output=True, text=True)

@@ -242,6 +242,8 @@ def cached(kind: str, config: dict, build: Callable[[Path], T], load: Callable[[
         ok, value = _try_load(path, load, report=True)  # another process may have filled it while we waited
         if ok:
             return value
+        for stale in path.parent.glob(f".tmp-{path.name}-*"):  # left by a killed writer: no live writer holds this key's lock
+            shutil.rmtree(stale, ignore_errors=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{path.name}-", dir=path.parent))
         try:
             value = build(tmp)
