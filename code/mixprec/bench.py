@@ -13,8 +13,10 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import sys
+import tempfile
 from pathlib import Path
 
 import torch
@@ -24,6 +26,67 @@ from .amp import POLICY_NAMES
 from .story import SIZES, build_model, encode, for_inference, generate, grammar_score, load_stories, storyteller, train, train_tokenizer
 from .story.generate import INFERENCE_PRECISIONS
 
+PROMPT = "Once upon a time"
+MIN_STORIES = 20  # fewer leave no validation split worth the name
+
+
+class UsageError(ValueError):
+    """A bad command-line argument: reported in one line, before any work."""
+
+
+def _writable_target(out: Path) -> None:
+    """``out`` can be created or replaced as a file: not a directory, under a directory we may write to."""
+    if str(out) in ("", "."):
+        raise UsageError("--out needs a file name")
+    if out.is_dir():
+        raise UsageError(f"--out {str(out)!r} is a directory; give a file name such as {str(out / 'result.json')!r}")
+    parent = out.parent
+    while not parent.exists():  # the directories that --out would create
+        parent = parent.parent
+    if not parent.is_dir():
+        raise UsageError(f"--out {str(out)!r}: {str(parent)!r} is a file, not a directory")
+    if out.exists() and not os.access(out, os.W_OK):
+        raise UsageError(f"--out {str(out)!r}: no permission to overwrite it")
+    try:  # the real test: create a file there (permissions, read-only mounts, /proc...)
+        with tempfile.NamedTemporaryFile(dir=parent, prefix=".mixprec-bench-"):
+            pass
+    except OSError as error:
+        raise UsageError(f"--out {str(out)!r}: cannot write in {str(parent)!r} ({error.strerror or error})") from None
+
+
+def validate(args) -> None:
+    """Every argument, checked before any work (a long run must not fail at its end on a typo)."""
+    from .amp import get_policy
+
+    if args.out is not None:
+        _writable_target(args.out)
+    n_positions = SIZES[args.size].n_positions
+    if args.command == "train":
+        try:
+            get_policy(args.precision)
+        except ValueError as error:
+            raise UsageError(f"--precision: {error}") from None
+        checks = [(args.steps >= 1, f"--steps must be >= 1, got {args.steps}"),
+                  (args.warmup_steps >= 0, f"--warmup-steps must be >= 0, got {args.warmup_steps}"),
+                  (args.batch_size >= 1, f"--batch-size must be >= 1, got {args.batch_size}"),
+                  (2 <= args.block_size <= n_positions, f"--block-size must be in 2..{n_positions} (the {args.size} model's context), got {args.block_size}"),
+                  (args.stories >= MIN_STORIES, f"--stories must be >= {MIN_STORIES}, got {args.stories}")]
+    else:
+        try:
+            if args.precision != "fp8-weight":  # the one precision that quantizes; its name is all we need
+                for_inference(torch.nn.Linear(1, 1), args.precision)
+        except (ValueError, TypeError) as error:
+            raise UsageError(f"--precision: {error}") from None
+        checks = [(args.repeat >= 1, f"--repeat must be >= 1, got {args.repeat}"),
+                  (args.train_steps >= 1, f"--train-steps must be >= 1, got {args.train_steps}"),
+                  (args.new_tokens >= 1, f"--new-tokens must be >= 1, got {args.new_tokens}")]
+        prompt_max = len(PROMPT.encode())  # byte-level BPE: at most one token per byte (the exact count needs the tokenizer)
+        checks.append((args.new_tokens + prompt_max <= n_positions,
+                       f"--new-tokens must be at most {n_positions - prompt_max} for the {args.size} model: its context is "
+                       f"{n_positions} positions and the prompt {PROMPT!r} takes up to {prompt_max}; got {args.new_tokens}"))
+    for ok, message in checks:
+        if not ok:
+            raise UsageError(message)
 
 def run_train(args) -> dict:
     stories = load_stories("offline", n=args.stories)
@@ -48,7 +111,7 @@ def run_generate(args) -> dict:
     model, tokenizer, _, _ = storyteller(args.size, steps=args.train_steps, progress=not args.quiet)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     prepared = for_inference(model.to(device), args.precision)
-    runs = [generate(prepared, tokenizer, "Once upon a time", seed=seed, max_new_tokens=args.new_tokens) for seed in range(args.repeat + 1)][1:]
+    runs = [generate(prepared, tokenizer, PROMPT, seed=seed, max_new_tokens=args.new_tokens) for seed in range(args.repeat + 1)][1:]
     return {
         "size": args.size, "precision": args.precision, "new_tokens_max": args.new_tokens, "repeat": args.repeat,
         "tokens_per_s": statistics.median(r.tokens_per_s for r in runs),
@@ -82,6 +145,11 @@ def main(argv: list[str] | None = None) -> dict:
     g.add_argument("--repeat", type=int, default=5)
     g.add_argument("--train-steps", type=int, default=1000, help="training steps of the storyteller to generate with")
     args = parser.parse_args(argv)
+    try:
+        validate(args)
+    except UsageError as error:
+        print(f"{parser.prog} {args.command}: error: {error}", file=sys.stderr)
+        sys.exit(2)
     record = getattr(args, "record", False)
     if record:
         try:
@@ -95,8 +163,13 @@ def main(argv: list[str] | None = None) -> dict:
     text = json.dumps(result, indent=1, ensure_ascii=False)
     print(text)
     if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(text + "\n")
+        try:  # a temporary file renamed into place: never a half-written result
+            args.out.parent.mkdir(parents=True, exist_ok=True)
+            with tempfile.NamedTemporaryFile("w", dir=args.out.parent, prefix=f".{args.out.name}.", delete=False) as f:
+                f.write(text + "\n")
+            os.replace(f.name, args.out)
+        except OSError as error:
+            sys.exit(f"{parser.prog} {args.command}: error: cannot write --out {str(args.out)!r}: {error}")
     if record:
         payload = {k: v for k, v in result.items() if k not in (*hw.PROVENANCE_KEYS, "compute_capability")}
         try:

@@ -171,7 +171,8 @@ def tensor_stats(x: torch.Tensor, fmt: str | FloatFormat = "fp16") -> TensorStat
     if not isinstance(x, torch.Tensor) or not x.is_floating_point():
         raise TypeError(f"tensor_stats needs a floating-point tensor, got {type(x).__name__}")
     f = get_format(fmt)
-    v = x.detach().float().flatten()
+    v = x.detach().flatten()
+    v = v if v.dtype == torch.float64 else v.float()  # float64 keeps 1e-300 and 1e300: judge them as they are
     n = v.numel()
     if n == 0:
         raise ValueError("tensor_stats needs a non-empty tensor")
@@ -208,7 +209,8 @@ class LayerMonitor:
     Use as a context manager around training. Activations are recorded by forward hooks whenever
     ``monitor.step`` is set (set it to the step number, or None to pause); call
     ``record_gradients(step)`` after the backward pass (after ``scaler.unscale_``, so that the
-    gradients are the true ones, not the scaled ones).
+    gradients are the true ones, not the scaled ones). Empty tensors (an empty batch) have no
+    statistics and are not recorded.
     """
 
     def __init__(self, model: torch.nn.Module, modules: Iterable[str] | None = None, fmt: str | FloatFormat = "fp16",
@@ -233,7 +235,7 @@ class LayerMonitor:
             if self.step is None or self.step % self.every:
                 return
             out = output[0] if isinstance(output, tuple) else output
-            if isinstance(out, torch.Tensor) and out.is_floating_point():
+            if isinstance(out, torch.Tensor) and out.is_floating_point() and out.numel():  # an empty batch has no statistics
                 self.records.append(LayerRecord(self.step, "activation", name, tensor_stats(out, self.fmt)))
         return record
 
@@ -241,7 +243,7 @@ class LayerMonitor:
         if step % self.every:
             return
         for name, p in self.model.named_parameters():
-            if p.grad is not None:
+            if p.grad is not None and p.grad.numel():
                 self.records.append(LayerRecord(step, "gradient", name, tensor_stats(p.grad, self.fmt)))
 
     def series(self, kind: str, metric: str) -> dict[str, tuple[list[int], list[float]]]:

@@ -41,19 +41,61 @@ def _close(a: float, b: float) -> bool:
     return a == b or (math.isfinite(a) and math.isfinite(b) and math.isclose(a, b, rel_tol=1e-9))
 
 
+def _short(value) -> str:
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def _number(value, what: str) -> tuple[float | None, str | None]:
+    """``(float, None)`` for a finite real number (or a one-element tensor), else ``(None, feedback in Chinese)``.
+
+    A reader's answer can be anything: None (a function that forgot ``return``), a string, a bool,
+    a huge int, a tensor, NaN or inf. None of them may crash a checker or pass it.
+    """
+    if value is None:
+        return None, f"{what}：收到的是 None。函数是不是忘了 return？"
+    if isinstance(value, bool):
+        return None, f"{what}：需要一个数，收到的是布尔值 {value!r}"
+    if isinstance(value, torch.Tensor):
+        if value.numel() != 1:
+            return None, f"{what}：需要一个数，收到的是形状为 {tuple(value.shape)} 的张量"
+        value = value.item()
+    if isinstance(value, (str, bytes)):
+        return None, f"{what}：需要一个数，收到的是字符串 {_short(value)}（去掉引号）"
+    try:
+        number = float(value)
+    except OverflowError:
+        return None, f"{what}：{_short(value)} 太大，超出了 float 的范围"
+    except (TypeError, ValueError):
+        return None, f"{what}：需要一个数，收到的是 {type(value).__name__} 类型的 {_short(value)}"
+    if math.isnan(number):
+        return None, f"{what}：结果是 NaN。检查计算里有没有 0/0、inf - inf 或对负数开方"
+    if math.isinf(number):
+        return None, f"{what}：结果是 {number}（无穷大），不是一个有限的数"
+    return number, None
+
+
+def _format_or_feedback(fmt) -> tuple[FloatFormat | None, CheckResult | None]:
+    try:
+        return get_format(fmt), None
+    except (TypeError, ValueError) as error:
+        return None, CheckResult(False, [f"格式 {_short(fmt)} 无法识别：{error}"])
+
+
 # --- exercise: derive a format's limits -----------------------------------------------------------
 
 def check_format_limits(fmt: str | FloatFormat, *, max: float, min_normal: float, min_subnormal: float, eps: float) -> CheckResult:
     """Check the four numbers that describe a format's range and precision."""
-    f = get_format(fmt)
+    f, problem = _format_or_feedback(fmt)
+    if problem is not None:
+        return problem
     answers = {"max": max, "min_normal": min_normal, "min_subnormal": min_subnormal, "eps": eps}
     truth = {"max": f.max, "min_normal": f.min_normal, "min_subnormal": f.min_subnormal, "eps": f.eps}
     msgs = []
     for key, value in answers.items():
-        try:
-            value = float(value)
-        except (TypeError, ValueError):
-            msgs.append(f"{key}: 需要一个数，收到的是 {value!r}")
+        value, problem = _number(value, key)
+        if problem:
+            msgs.append(problem)
             continue
         if _close(value, truth[key]):
             msgs.append(f"{key} = {truth[key]:.6g} ✔")
@@ -71,7 +113,7 @@ def check_format_limits(fmt: str | FloatFormat, *, max: float, min_normal: float
         elif key == "eps" and _close(value, math.ldexp(1.0, -f.mantissa_bits - 1)):
             hint += " 这是单位舍入（eps 的一半）；eps 是 1 与下一个可表示数之差，2^-M。"
         msgs.append(hint)
-    return CheckResult(all("✔" in m for m in msgs), msgs)
+    return CheckResult(all(m.endswith("✔") for m in msgs), msgs)
 
 
 # --- exercise: implement round-to-nearest-even to FP16 ----------------------------------------------
@@ -93,6 +135,8 @@ def _round_cases() -> list[tuple[str, list[float], str]]:
 
 def check_round_to_fp16(fn: Callable[[torch.Tensor], torch.Tensor]) -> CheckResult:
     """Check a function that rounds a float32 tensor to FP16's values (returned as float32)."""
+    if not callable(fn):
+        return CheckResult(False, [f"需要一个函数，收到的是 {type(fn).__name__} 类型的 {_short(fn)}"])
     msgs = []
     for name, values, why in _round_cases():
         x = torch.tensor(values, dtype=torch.float32)
@@ -105,7 +149,10 @@ def check_round_to_fp16(fn: Callable[[torch.Tensor], torch.Tensor]) -> CheckResu
         if not isinstance(got, torch.Tensor) or got.shape != x.shape:
             msgs.append(f"{name}：应返回与输入同形状的张量，收到 {type(got).__name__} {getattr(got, 'shape', '')}")
             return CheckResult(False, msgs)
-        got = got.float()
+        if got.is_complex():
+            msgs.append(f"{name}：应返回实数张量，收到 {got.dtype}")
+            return CheckResult(False, msgs)
+        got = got.detach().float().cpu()
         same = (got == want) & (torch.signbit(got) == torch.signbit(want)) | (torch.isnan(got) & torch.isnan(want))
         if not bool(same.all()):
             i = int((~same).nonzero()[0])
@@ -123,11 +170,19 @@ def check_kahan_sum(fn: Callable[[torch.Tensor, torch.dtype], float]) -> CheckRe
     values = torch.rand(4000, generator=g) * 1e-3 + 1e-4
     exact = float(values.double().sum())
     msgs = []
+    if not callable(fn):
+        return CheckResult(False, [f"需要一个函数 fn(values, dtype)，收到的是 {type(fn).__name__} 类型的 {_short(fn)}"])
     for dtype in (torch.bfloat16, torch.float16):
         try:
-            got = float(fn(values, dtype))
+            answer = fn(values.clone(), dtype)
         except Exception as exc:
             return CheckResult(False, [f"{dtype}: 函数抛出了异常 {type(exc).__name__}: {exc}"])
+        got, problem = _number(answer, str(dtype))
+        if problem:
+            return CheckResult(False, [problem])
+        if float(round_to_format(torch.tensor([got], dtype=torch.float64).float(), dtype)) != got:
+            return CheckResult(False, [f"{dtype}: 结果 {got!r} 不是 {dtype} 能表示的数：累加器（和与补偿项）要存成 dtype，"
+                                       "这个练习看的正是低精度累加器里的误差"])
         naive = float(running_sum(values, dtype, "naive")[-1])
         reference = float(running_sum(values, dtype, "kahan")[-1])
         rel = abs(got - exact) / exact
@@ -137,7 +192,7 @@ def check_kahan_sum(fn: Callable[[torch.Tensor, torch.dtype], float]) -> CheckRe
             msgs.append(f"{dtype}: 结果 {got:.6g}，而精确和是 {exact:.6g}（相对误差 {rel:.1%}）。Kahan 求和在该精度下应在 1% 以内。")
         else:
             msgs.append(f"{dtype}: {got:.6g}，相对误差 {rel:.2%}；普通累加是 {naive:.6g} ✔")
-    return CheckResult(all("✔" in m for m in msgs), msgs)
+    return CheckResult(all(m.endswith("✔") for m in msgs), msgs)
 
 
 # --- exercise: write a dynamic loss scaler ---------------------------------------------------------
@@ -155,6 +210,8 @@ def check_loss_scaler(make_scaler: Callable[..., object]) -> CheckResult:
 
     options = dict(init_scale=2.0**8, growth_factor=2.0, backoff_factor=0.5, growth_interval=20)
     poison = {s: (math.nan if s % 2 else math.inf) for s in (7, 8, 60, 61, 62, 150, 333)}
+    if not callable(make_scaler):
+        return CheckResult(False, [f"需要一个创建缩放器的函数，收到的是 {type(make_scaler).__name__} 类型的 {_short(make_scaler)}"])
     try:
         yours, your_model = scaler_trajectory(make_scaler(**options), 400, poison)
     except Exception as error:  # the reader's code: report what broke, don't crash the notebook
@@ -162,7 +219,8 @@ def check_loss_scaler(make_scaler: Callable[..., object]) -> CheckResult:
     truth, true_model = scaler_trajectory(DynamicLossScaler(**options), 400, poison)
     for step, ((your_scale, your_stepped), (scale, stepped)) in enumerate(zip(yours, truth)):
         if your_scale != scale:
-            return CheckResult(False, [f"第 {step} 步的缩放因子是 {your_scale:g}，应为 {scale:g}（该步之前{'有' if step - 1 in poison else '没有'}溢出）"])
+            before = "有" if step - 1 in poison else "没有"
+            return CheckResult(False, [f"第 {step} 步的缩放因子是 {_short(your_scale)}，应为 {scale:g}（该步之前{before}溢出）"])
         if your_stepped != stepped:
             what = "跳过了更新" if stepped else "没有跳过更新"
             return CheckResult(False, [f"第 {step} 步应该{what}：梯度{'含 inf/NaN' if step in poison else '全是有限值'}"])
@@ -179,18 +237,24 @@ def check_memory(policy: str, n_params: int, *, weights: float, grads: float, op
     """Check bytes of weights, gradients and AdamW state for ``n_params`` parameters under ``policy``."""
     from .amp import BYTES_PER_PARAMETER, memory_breakdown
 
-    if policy not in BYTES_PER_PARAMETER:
-        return CheckResult(False, [f"没有 {policy!r} 的内存模型；可选：{', '.join(BYTES_PER_PARAMETER)}"])
+    if not isinstance(policy, str) or policy not in BYTES_PER_PARAMETER:
+        return CheckResult(False, [f"没有 {_short(policy)} 的内存模型；可选：{', '.join(BYTES_PER_PARAMETER)}"])
+    if isinstance(n_params, bool) or not isinstance(n_params, int) or n_params < 0:
+        return CheckResult(False, [f"n_params 应是非负整数，收到的是 {_short(n_params)}"])
     truth = memory_breakdown(n_params, policy)
     names = {"weights": "权重", "grads": "梯度", "optimizer": "优化器状态"}
     msgs, ok = [], True
     for key, value in {"weights": weights, "grads": grads, "optimizer": optimizer}.items():
-        if _close(float(value), truth[key]):
+        value, problem = _number(value, names[key])
+        if problem:
+            ok = False
+            msgs.append(problem)
+        elif _close(value, truth[key]):
             msgs.append(f"{names[key]}：{truth[key]:,.0f} 字节 ✔")
         else:
             ok = False
             per = truth[key] / n_params if n_params else 0
-            msgs.append(f"{names[key]}：你的答案 {float(value):,.0f}，应为 {truth[key]:,.0f}（每个参数 {per:g} 字节）")
+            msgs.append(f"{names[key]}：你的答案 {value:,.0f}，应为 {truth[key]:,.0f}（每个参数 {per:g} 字节）")
     return CheckResult(ok, msgs)
 
 
@@ -210,14 +274,25 @@ def smallest_visible_update(fmt: str | FloatFormat, w: float) -> float:
 
 def check_smallest_update(fmt: str | FloatFormat, w: float, answer: float) -> CheckResult:
     """Check the smallest power-of-two update Δ that changes the weight ``w`` stored in ``fmt``."""
-    f = get_format(fmt)
-    truth = smallest_visible_update(f, w)
-    if _close(float(answer), truth):
+    f, problem = _format_or_feedback(fmt)
+    if problem is not None:
+        return problem
+    w_value, problem = _number(w, "w")
+    if problem:
+        return CheckResult(False, [problem])
+    try:
+        truth = smallest_visible_update(f, w_value)
+    except ValueError as error:
+        return CheckResult(False, [f"w = {w_value:g} 在 {f.name} 中没有可见的更新（{error}）：换一个在范围内的 w"])
+    answer, problem = _number(answer, "答案")
+    if problem:
+        return CheckResult(False, [problem])
+    if _close(answer, truth):
         return CheckResult(True, [f"{f.name} 中 w = {w:g} 处，最小的可见更新是 2^{int(math.log2(truth))} = {truth:.6g} ✔"])
-    ulp = f.ulp(w)
+    ulp = f.ulp(w_value)
     parity = "w 的尾数末位是 0（偶数），平局会舍回 w" if truth == ulp else "w 的尾数末位是 1（奇数），平局会进位"
     hint = "恰好半个 ULP 时是平局，就近舍入取偶数尾数，" + parity
-    return CheckResult(False, [f"你的答案 {float(answer):.6g}，应为 {truth:.6g}。w 处的 ULP 是 {ulp:.6g}；{hint}"])
+    return CheckResult(False, [f"你的答案 {answer:.6g}，应为 {truth:.6g}。w 处的 ULP 是 {ulp:.6g}；{hint}"])
 
 
 # --- exercise: diagnose and fix the clinic's mystery model ------------------------------------------
@@ -234,12 +309,18 @@ def check_mystery_fix(norm_fn: Callable[..., torch.Tensor]) -> CheckResult:
     g = torch.Generator().manual_seed(0)
     x = torch.randn(8, 12, 64, generator=g) + clinic.MYSTERY_OFFSET
     weight, bias = torch.rand(64, generator=g) + 0.5, torch.randn(64, generator=g) * 0.1
+    if not callable(norm_fn):
+        return CheckResult(False, [f"需要一个函数 norm_fn(x, weight, bias, eps)，收到的是 {type(norm_fn).__name__} 类型的 {_short(norm_fn)}"])
     try:
         yours = norm_fn(x, weight, bias, 1e-5)
         truth = torch.nn.functional.layer_norm(x, (64,), weight, bias, 1e-5)
+        if not isinstance(yours, torch.Tensor):
+            return CheckResult(False, [f"norm_fn 应返回张量，收到的是 {type(yours).__name__} 类型的 {_short(yours)}"])
         if yours.shape != truth.shape or not torch.allclose(yours.float(), truth, atol=1e-3, rtol=1e-3):
             return CheckResult(False, ["在 FP32 中，你的函数和 F.layer_norm 的结果不一致：它应当仍然是一个 LayerNorm"])
         half = norm_fn(x.half(), weight.half(), bias.half(), 1e-5)
+        if not isinstance(half, torch.Tensor) or half.shape != truth.shape:
+            return CheckResult(False, ["在 FP16 输入上，norm_fn 应返回与输入同形状的张量"])
         if not bool(torch.isfinite(half).all()):
             return CheckResult(False, ["在 FP16 输入上它仍然产生 inf 或 NaN：看看方差是怎么算出来的"])
         run = clinic.run_case("mystery", fixed=True, norm_fn=norm_fn, trace_steps=80)
@@ -263,6 +344,8 @@ def check_tokens_per_second(fn: Callable[[torch.Tensor, int, float], float]) -> 
     """
     from .story.inference import count_generated
 
+    if not callable(fn):
+        return CheckResult(False, [f"需要一个函数 fn(new_tokens, eos_token_id, seconds)，收到的是 {type(fn).__name__} 类型的 {_short(fn)}"])
     eos = 0
     cases = [
         ("没有 EOS", torch.tensor([[5, 6, 7, 8]]), 2.0),
@@ -273,9 +356,12 @@ def check_tokens_per_second(fn: Callable[[torch.Tensor, int, float], float]) -> 
     for name, block, seconds in cases:
         truth = count_generated(block, eos) / seconds
         try:
-            yours = float(fn(block.clone(), eos, seconds))
+            answer = fn(block.clone(), eos, seconds)
         except Exception as error:  # the reader's code: report what broke, don't crash the notebook
             return CheckResult(False, [f"{name}：运行出错：{type(error).__name__}: {error}"])
+        yours, problem = _number(answer, name)
+        if problem:
+            return CheckResult(False, [problem])
         if not _close(yours, truth):
             hint = "按请求的最大长度计算会高估提前结束的序列" if yours > truth else "EOS 本身也是生成的词元，要算进去"
             return CheckResult(False, [f"{name}：你的结果 {yours:g}，应为 {truth:g}（{hint}）"])

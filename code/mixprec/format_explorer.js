@@ -106,7 +106,9 @@ var MixprecFloat = (function () {
         status.textContent = "请输入一个数，例如 0.1、-3e-8、65520、inf 或 nan";
         return;
       }
-      status.textContent = "点击任意一位可翻转它；翻转后的值成为新的输入。";
+      var beyond = !isFinite(x) && !Number.isNaN(x) && /\d/.test(input.value); // e.g. 1e400: past float64's range
+      status.textContent = (beyond ? "输入超出了 float64 的范围（约 1.8e308），按 " + show(x) + " 处理。" : "") +
+        "点击任意一位可翻转它；翻转后的值成为新的输入。";
       tbody.innerHTML = "";
       formats.forEach(function (f) {
         var r = roundToFormat(x, f);

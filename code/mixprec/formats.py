@@ -20,6 +20,7 @@ emulates formats the hardware lacks (FP8 on a CPU, or a made-up E3M4) on any dev
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import dataclass
 from functools import cache
 from typing import Literal
@@ -51,6 +52,10 @@ class FloatFormat:
             raise ValueError(f"{self.name}: special must be 'ieee' or 'fn', got {self.special!r}")
         if self.special == "fn" and self.mantissa_bits == 0:
             raise ValueError(f"{self.name}: an 'fn' format needs at least one mantissa bit")
+        if isinstance(self.bias, bool) or not isinstance(self.bias, int):
+            raise TypeError(f"{self.name}: bias must be an int, got {self.bias!r}")
+        if self.max <= 0:
+            raise ValueError(f"{self.name}: E{self.exponent_bits}M{self.mantissa_bits} ({self.special}) has no positive finite value")
 
     # --- derived properties -------------------------------------------------------------
     @property
@@ -69,8 +74,15 @@ class FloatFormat:
         return (top_field - 1 if self.special == "ieee" else top_field) - self.bias
 
     @property
+    def has_normals(self) -> bool:
+        """False for a tiny IEEE-style format whose only finite exponent field is 0 (E1): all its numbers are subnormal."""
+        return self.emax >= self.emin
+
+    @property
     def max(self) -> float:
         m = self.mantissa_bits
+        if not self.has_normals:  # the largest subnormal
+            return math.ldexp(2**m - 1, self.emin - m)
         # "fn" loses the all-ones mantissa of the top binade to NaN.
         top_mantissa = 2**m - 1 if self.special == "ieee" else 2**m - 2
         return math.ldexp(1 + top_mantissa / 2**m, self.emax)
@@ -103,7 +115,11 @@ class FloatFormat:
 
     def ulp(self, x: float) -> float:
         """Spacing of representable numbers at |x| (the gap above |x|'s binade start)."""
+        if isinstance(x, bool) or not isinstance(x, (int, float)):
+            raise TypeError(f"ulp needs a real number, got {x!r}")
         a = abs(x)
+        if not math.isfinite(a):
+            raise ValueError(f"ulp is defined for finite numbers, got {x!r}")
         e = self.emin if a < self.min_normal else math.frexp(a)[1] - 1
         return math.ldexp(1.0, e - self.mantissa_bits)
 
@@ -112,11 +128,24 @@ class FloatFormat:
 
 
 def custom_format(exponent_bits: int, mantissa_bits: int, special: Special = "ieee", bias: int | None = None) -> FloatFormat:
-    """Any ExMy format; the bias defaults to the IEEE choice 2**(E-1) - 1."""
+    """Any ExMy format; the bias defaults to the IEEE choice 2**(E-1) - 1.
+
+    Its name reads back through ``get_format`` to the same format: ``e3m4``, ``e4m3fn``, ``e5m2_b20``
+    for a bias other than the default, and ``e4m3ieee`` where the plain name already means another
+    format (``e4m3`` is the common name of E4M3FN).
+    """
+    for name, value in (("exponent_bits", exponent_bits), ("mantissa_bits", mantissa_bits)):
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise TypeError(f"{name} must be an int, got {value!r}")
+    default_bias = 2 ** (exponent_bits - 1) - 1
     if bias is None:
-        bias = 2 ** (exponent_bits - 1) - 1
-    suffix = "fn" if special == "fn" else ""
-    return FloatFormat(f"e{exponent_bits}m{mantissa_bits}{suffix}", exponent_bits, mantissa_bits, bias, special)
+        bias = default_bias
+    name = f"e{exponent_bits}m{mantissa_bits}" + ("fn" if special == "fn" else "")
+    if special == "ieee" and _ALIASES.get(name, name) in FORMATS and FORMATS[_ALIASES.get(name, name)].special != "ieee":
+        name += "ieee"
+    if bias != default_bias:
+        name += f"_b{bias}"
+    return FloatFormat(name, exponent_bits, mantissa_bits, bias, special)
 
 
 FP64 = FloatFormat("fp64", 11, 52, 1023, "ieee", torch.float64)
@@ -149,12 +178,12 @@ def get_format(fmt: str | FloatFormat | torch.dtype) -> FloatFormat:
     key = _ALIASES.get(fmt.lower(), fmt.lower())
     if key in FORMATS:
         return FORMATS[key]
-    parts = key.removesuffix("fn")
-    if parts.startswith("e") and "m" in parts:
-        e, _, m = parts[1:].partition("m")
-        if e.isdigit() and m.isdigit():
-            return custom_format(int(e), int(m), "fn" if key.endswith("fn") else "ieee")
-    raise ValueError(f"unknown format {fmt!r}; use one of {sorted(FORMATS)} or 'eXmY' / 'eXmYfn' for a custom one")
+    custom = re.fullmatch(r"e(\d{1,2})m(\d{1,2})(fn|ieee)?(?:_b(-?\d{1,4}))?", key)
+    if custom:
+        e, m, special, bias = custom.groups()
+        return custom_format(int(e), int(m), "fn" if special == "fn" else "ieee", None if bias is None else int(bias))
+    raise ValueError(f"unknown format {fmt!r}; use one of {sorted(FORMATS)} or 'eXmY' / 'eXmYfn' / 'eXmYieee' "
+                     "(optionally '_b<bias>') for a custom one")
 
 
 # --- bit patterns ---------------------------------------------------------------------------
@@ -355,7 +384,7 @@ def _round_magnitude_narrow_exponent(x, out, fmt: FloatFormat, rounding: Roundin
     a = torch.abs(x, out=scratch_float)
     # exponent field of |x|, clamped to the format's normal range, as float32 bits
     e_bits = torch.bitwise_and(a.view(torch.int32), _EXP_MASK, out=scratch_int)
-    e_bits.clamp_(min=(fmt.emin + 127) << 23, max=(fmt.emax + 127) << 23)
+    e_bits.clamp_(min=(fmt.emin + 127) << 23, max=(max(fmt.emax, fmt.emin) + 127) << 23)  # E1 IEEE: subnormals only
     if rounding == "nearest":
         # c = 2**(e + 23 - M) has a float32 ULP of exactly q, so a + c is rounded to the grid by the
         # FPU itself, ties to even; subtracting c again is exact. NaN and inf pass through.
@@ -399,10 +428,16 @@ def zone_fractions(values: torch.Tensor, scale: float = 1.0, fmt: str | FloatFor
     on the format and the cast). Computed by rounding every value, so the boundaries are exact.
     """
     fmt = get_format(fmt)
-    x = torch.as_tensor(values).detach().float().flatten() * scale
-    rounded = round_to_format(x, fmt, overflow="nonfinite").abs()
-    n = max(x.numel(), 1)
-    zero = x == 0
+    values = torch.as_tensor(values).detach().flatten()
+    if values.dtype == torch.float64:  # float64 keeps magnitudes float32 cannot (1e-300, 1e300): classify them exactly
+        x64 = values * scale
+        zero = x64 == 0
+        rounded = x64.abs() if fmt.emax > FP32.emax else round_to_format(float32_for_rounding(x64, fmt), fmt, overflow="nonfinite").abs()
+    else:
+        x = values.float() * scale
+        zero = x == 0
+        rounded = round_to_format(x, fmt, overflow="nonfinite").abs()
+    n = max(values.numel(), 1)
     counts = {
         "zero": zero.sum(),
         "flushed": ((rounded == 0) & ~zero).sum(),
@@ -411,3 +446,26 @@ def zone_fractions(values: torch.Tensor, scale: float = 1.0, fmt: str | FloatFor
         "overflow": (~torch.isfinite(rounded)).sum(),
     }
     return {k: int(v) / n for k, v in counts.items()}
+
+
+def float32_for_rounding(x: torch.Tensor, fmt: str | FloatFormat) -> torch.Tensor:
+    """float64 ``x`` as float32 values that ``round_to_format(·, fmt)`` rounds exactly as it would round ``x`` itself.
+
+    Rounding float64 to float32 to nearest and then to ``fmt`` can round twice the wrong way (a
+    value just above a tie of ``fmt`` lands on the tie). Rounding to float32 *to odd* first
+    (truncate, then set the last bit if anything was lost) cannot, as long as float32 keeps at least
+    two more bits than ``fmt`` (Boldo and Melquiond, 2008). Values beyond float32's range become
+    its largest value (which still overflows ``fmt``), tiny nonzero ones its smallest subnormal
+    (which still flushes), with their signs. For a format as precise as float32, plain rounding is
+    the answer.
+    """
+    fmt = get_format(fmt)
+    if x.dtype != torch.float64:
+        raise TypeError(f"float32_for_rounding takes float64, got {x.dtype}")
+    y = x.float()
+    if fmt.mantissa_bits >= 23:
+        return y
+    away = y.double().abs() > x.abs()  # rounded away from zero (an overflow to inf included)
+    y = torch.where(away, torch.nextafter(y, torch.zeros_like(y)), y)
+    inexact = (y.double() != x) & ~torch.isnan(x)
+    return torch.bitwise_or(y.view(torch.int32), inexact.to(torch.int32)).view(torch.float32)

@@ -285,7 +285,7 @@ def load_recorded(name: str, directory: str | Path | None = None) -> list[dict]:
     results = []
     for path in sorted(directory.glob(f"{name}*.json")):
         try:
-            record = json.loads(path.read_text(encoding="utf-8"))
+            record = json.loads(path.read_text(encoding="utf-8-sig"))  # a BOM (some editors add one) is not an error
         except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
             raise ValueError(f"{path}: not a readable JSON file ({err})") from err
         _check_provenance(record, path)

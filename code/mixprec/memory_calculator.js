@@ -15,12 +15,31 @@ var MixprecMemory = (function () {
 
   function gib(bytes) { return (bytes / Math.pow(2, 30)).toFixed(2) + " GiB"; }
 
-  function mount(root, table, millions) {
+  function esc(text) {
+    return String(text).replace(/[&<>"']/g, function (c) {
+      return { "&": "&amp;", "<": "&lt;", ">": "&gt;", '"': "&quot;", "'": "&#39;" }[c];
+    });
+  }
+
+  // What is wrong with the typed parameter count (in millions), or null if it can be shown.
+  function problem(text, maxMillions) {
+    var t = String(text).trim();
+    if (t === "") return "请输入参数量（百万）";
+    if (!/^[+-]?(\d+\.?\d*|\.\d+)(e[+-]?\d+)?$/i.test(t)) return "请输入一个数，例如 124.4";
+    var m = Number(t);
+    if (m < 0) return "参数量不能是负数";
+    if (!isFinite(m) || m > maxMillions) return "参数量太大：最多 " + maxMillions.toExponential(0) + " 百万";
+    return null;
+  }
+
+  function mount(root, table, millions, maxMillions) {
     var input = root.querySelector("input");
     var body = root.querySelector("tbody");
+    maxMillions = maxMillions || 1e9;
     function render() {
-      var n = parseFloat(input.value) * 1e6;
-      if (!(n >= 0)) { body.innerHTML = "<tr><td colspan=3>请输入参数量（百万）</td></tr>"; return; }
+      var bad = problem(input.value, maxMillions);
+      if (bad) { body.innerHTML = "<tr><td colspan=3>" + esc(bad) + "</td></tr>"; return; }
+      var n = Number(String(input.value).trim()) * 1e6;
       var totals = {}, max = 0;
       Object.keys(table).forEach(function (policy) {
         var b = breakdown(table, policy, n), t = 0;
@@ -35,7 +54,7 @@ var MixprecMemory = (function () {
           return '<span title="' + NAMES[p] + ": " + gib(b[p]) + '" style="display:inline-block;height:12px;width:' + w.toFixed(2) +
             "%;background:" + COLORS[p] + '"></span>';
         }).join("");
-        return "<tr><td><code>" + policy + "</code></td><td>" + gib(t) + '</td><td style="width:60%">' + bar + "</td></tr>";
+        return "<tr><td><code>" + esc(policy) + "</code></td><td>" + gib(t) + '</td><td style="width:60%">' + bar + "</td></tr>";
       }).join("");
     }
     input.value = String(millions);
@@ -43,7 +62,7 @@ var MixprecMemory = (function () {
     render();
   }
 
-  return { breakdown: breakdown, mount: mount, PARTS: PARTS, NAMES: NAMES, COLORS: COLORS };
+  return { breakdown: breakdown, mount: mount, problem: problem, esc: esc, PARTS: PARTS, NAMES: NAMES, COLORS: COLORS };
 })();
 
 if (typeof module !== "undefined") module.exports = MixprecMemory;

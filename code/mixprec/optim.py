@@ -11,6 +11,10 @@ update below 2**-8 ≈ 0.0039 in size. Two fixes keep BF16 storage and still let
 
 ``"nearest"`` is plain round-to-nearest, what ``torch.optim.AdamW`` does on BF16 parameters.
 The moments are kept in FP32 in all three, so that the weight update is the only difference.
+
+``state_dict()`` holds everything a run needs to resume bit for bit: the FP32 moments (in FP32;
+``torch.optim.Optimizer.load_state_dict`` alone would cast them to the parameters' BF16), the Kahan
+compensation buffers, and the state of the stochastic-rounding generators.
 """
 
 from __future__ import annotations
@@ -71,6 +75,43 @@ class BF16AdamW(torch.optim.Optimizer):
                 update = -group["lr"] * (state["exp_avg"] / bias1 / denom + group["weight_decay"] * w)
                 self._write(p, w, update, state)
         return loss
+
+    def state_dict(self) -> dict:
+        state = super().state_dict()
+        state["bf16adamw"] = {"rounding": self.rounding, "seed": self.seed,
+                              "generators": {str(device): g.get_state() for device, g in self._generators.items()}}
+        return state
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        """Restore ``state_dict()``'s output exactly: moments stay FP32, Kahan buffers BF16, generators resume."""
+        if not isinstance(state_dict, dict) or "state" not in state_dict or "param_groups" not in state_dict:
+            raise TypeError("state_dict must be the dict returned by BF16AdamW.state_dict()")
+        state_dict = dict(state_dict)
+        extra = state_dict.pop("bf16adamw", None)
+        if extra is None:
+            raise ValueError("this state_dict was not saved by BF16AdamW (no 'bf16adamw' entry): its rounding state is unknown")
+        if extra.get("rounding") != self.rounding:
+            raise ValueError(f"state_dict was saved with rounding={extra.get('rounding')!r}, this optimizer uses rounding={self.rounding!r}")
+        saved = state_dict["state"]
+        super().load_state_dict(state_dict)  # groups and steps; its tensors are cast to BF16 and replaced below
+        params = [p for group in self.param_groups for p in group["params"]]
+        ids = [i for group in state_dict["param_groups"] for i in group["params"]]
+        expected = {"exp_avg": torch.float32, "exp_avg_sq": torch.float32, "compensation": torch.bfloat16}
+        for i, p in zip(ids, params):
+            if i not in saved:
+                continue
+            for key, dtype in expected.items():
+                if key == "compensation" and self.rounding != "kahan":
+                    continue
+                value = saved[i].get(key)
+                if not isinstance(value, torch.Tensor) or value.dtype != dtype or value.shape != p.shape:
+                    raise ValueError(f"state of parameter {i}: {key!r} must be a {dtype} tensor of shape {tuple(p.shape)}, "
+                                     f"got {value.dtype if isinstance(value, torch.Tensor) else type(value).__name__}")
+                self.state[p][key] = value.to(p.device, copy=True)
+        self.seed = extra["seed"]
+        self._generators = {}
+        for device, generator_state in extra.get("generators", {}).items():
+            self._generator(torch.device(device)).set_state(generator_state)
 
     def _write(self, p: torch.Tensor, w: torch.Tensor, update: torch.Tensor, state: dict) -> None:
         """p ← w + update, rounded to BF16 the chosen way."""

@@ -3,14 +3,16 @@
 // Self-contained (no network, no kernel). mixprec/widgets.py inlines it; tests/test_widgets.py
 // runs it in node and checks it against mixprec.formats.zone_fractions.
 //
-// data = {lo, width, counts: [...], zeros, total, fmt: {flushBelow, minNormal, overflowAt}} where
+// data = {lo, width, counts: [...], zeros, nonfinite, total, fmt: {flushBelow, minNormal, overflowAt}} where
 // counts[i] is the number of nonzero |g| with log2|g| in [lo + i*width, lo + (i+1)*width), and the
 // format thresholds are log2 values: |x| < 2**flushBelow rounds to zero, below 2**minNormal is
 // subnormal, at or above 2**overflowAt overflows.
 
 var MixprecScale = (function () {
+  // Fractions per zone, or null when there is nothing to show (no values).
   function zones(data, log2scale) {
-    var out = { zero: data.zeros, flushed: 0, subnormal: 0, normal: 0, overflow: 0 };
+    if (!(data.total > 0)) return null;
+    var out = { zero: data.zeros, flushed: 0, subnormal: 0, normal: 0, overflow: data.nonfinite || 0 }; // inf/NaN overflow at any scale
     for (var i = 0; i < data.counts.length; i++) {
       var c = data.counts[i];
       if (!c) continue;
@@ -67,6 +69,7 @@ var MixprecScale = (function () {
       label.textContent = "2^" + k + " = " + Math.pow(2, k).toLocaleString("en-US");
       plot.innerHTML = svg(data, k);
       var z = zones(data, k);
+      if (!z) { body.innerHTML = "<tr><td>没有数据：直方图里没有任何值</td></tr>"; return; }
       body.innerHTML = Object.keys(NAMES).map(function (name) {
         var swatch = COLORS[name] ? '<span style="color:' + COLORS[name] + '">■</span> ' : "";
         return "<tr><td>" + swatch + NAMES[name] + "</td><td>" + (100 * z[name]).toFixed(2) + "%</td></tr>";

@@ -52,49 +52,95 @@ class NoLossScaler:
         return "NoLossScaler()"
 
 
+FLOAT32_MAX = float(torch.finfo(torch.float32).max)
+FLOAT32_TINY = float(torch.finfo(torch.float32).smallest_normal)
+
+
+class ScalerStateError(AssertionError, RuntimeError):
+    """``update()`` with no inf checks recorded: ``GradScaler`` raises an ``AssertionError`` here; this
+    is one, and a ``RuntimeError`` too, like the other misuse errors."""
+
+
+def _number(name: str, value, *, integer: bool = False) -> float | int:
+    """``value`` as a real number (bool is not a number here), or a ``TypeError`` naming ``name``."""
+    kinds = (int,) if integer else (int, float)
+    if isinstance(value, bool) or not isinstance(value, kinds):
+        if not integer and isinstance(value, torch.Tensor) and value.numel() == 1 and value.is_floating_point():
+            return float(value)
+        expected = "an int" if integer else "a float"
+        raise TypeError(f"{name} must be {expected}, got {value!r} ({type(value).__name__})")
+    return value
+
+
+def _scale_value(name: str, value) -> float:
+    """A loss scale: positive, finite and a normal float32 (what the scale is stored in)."""
+    value = float(_number(name, value))
+    if not (math.isfinite(value) and FLOAT32_TINY <= value <= FLOAT32_MAX):
+        raise ValueError(f"{name} must be a positive finite number representable in float32 "
+                         f"({FLOAT32_TINY:.3g} to {FLOAT32_MAX:.3g}), got {value!r}")
+    return value
+
+
 class StaticLossScaler:
-    """A fixed loss scale. Steps with an inf or NaN gradient are still skipped; the scale never changes."""
+    """A fixed loss scale. Steps with an inf or NaN gradient are still skipped; the scale never changes.
+
+    Misuse is refused as ``torch.amp.GradScaler`` refuses it: unscaling FP16 gradients
+    (``ValueError``), ``unscale_()`` twice or after ``step()``, ``step()`` twice before ``update()``
+    (``RuntimeError``), ``update()`` with no step or unscale since the last one (``ScalerStateError``).
+    """
 
     def __init__(self, scale: float = 2.0**16):
-        if not (math.isfinite(scale) and scale > 0):
-            raise ValueError(f"scale must be a positive finite number, got {scale}")
-        self._scale = torch.tensor(scale, dtype=torch.float32)
+        self._scale = torch.tensor(_scale_value("scale", scale), dtype=torch.float32)
         self._unscaled: dict[int, bool] = {}  # optimizer id -> found inf/NaN during unscale_
+        self._stepped: set[int] = set()  # optimizers stepped since the last update()
 
     # --- the GradScaler interface -----------------------------------------------------------
     def scale(self, outputs):
-        """``outputs`` (a tensor, or an iterable of tensors) times the current scale."""
+        """``outputs`` (a tensor, or a list or tuple of tensors) times the current scale."""
         if isinstance(outputs, torch.Tensor):
             return outputs * self._scale.to(outputs.device)
-        return type(outputs)(self.scale(o) for o in outputs)
+        if isinstance(outputs, (list, tuple)):
+            return type(outputs)(self.scale(o) for o in outputs)
+        raise ValueError(f"outputs must be a Tensor or an iterable of Tensors, got {type(outputs).__name__}")
 
     def unscale_(self, optimizer: torch.optim.Optimizer) -> None:
         """Divide ``optimizer``'s gradients by the scale, in place, and remember whether any was inf or NaN."""
+        if id(optimizer) in self._stepped:
+            raise RuntimeError("unscale_() is being called after step().")
         if id(optimizer) in self._unscaled:
-            raise RuntimeError("unscale_() has already been called on this optimizer since the last update()")
+            raise RuntimeError("unscale_() has already been called on this optimizer since the last update().")
+        grads = [p.grad for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
+        if any(g.dtype == torch.float16 for g in grads):  # checked first: nothing is divided if any is refused
+            raise ValueError("Attempting to unscale FP16 gradients. Keep FP32 parameters (autocast) or FP32 master "
+                             "weights and unscale their gradients, as torch.amp.GradScaler requires.")
         inv_scale = self._scale.double().reciprocal().float()  # as GradScaler computes it
         found_inf = False
-        for group in optimizer.param_groups:
-            for p in group["params"]:
-                if p.grad is None:
-                    continue
-                if not torch.isfinite(p.grad).all():
-                    found_inf = True
-                p.grad.mul_(inv_scale.to(p.grad.device))
+        for g in grads:
+            if not torch.isfinite(g).all():
+                found_inf = True
+            g.mul_(inv_scale.to(g.device))
         self._unscaled[id(optimizer)] = found_inf
 
     def step(self, optimizer: torch.optim.Optimizer, *args, **kwargs):
         """``optimizer.step()`` unless an inf or NaN gradient was found; unscales first if not done yet."""
+        if "closure" in kwargs:
+            raise RuntimeError("Closure use is not currently supported if GradScaler is enabled.")
+        if id(optimizer) in self._stepped:
+            raise RuntimeError("step() has already been called since the last update().")
         if id(optimizer) not in self._unscaled:
             self.unscale_(optimizer)
+        self._stepped.add(id(optimizer))
         if self._unscaled[id(optimizer)]:
             return None
         return optimizer.step(*args, **kwargs)
 
     def update(self) -> None:
         """End the step: adjust the scale (if dynamic) from whether any optimizer found inf/NaN."""
+        if not self._unscaled:
+            raise ScalerStateError("No inf checks were recorded prior to update(): call step(optimizer) (or unscale_) first.")
         found_inf = any(self._unscaled.values())
         self._unscaled.clear()
+        self._stepped.clear()
         self._update_scale(found_inf)
 
     def get_scale(self) -> float:
@@ -107,7 +153,18 @@ class StaticLossScaler:
         return {"scale": self.get_scale()}
 
     def load_state_dict(self, state: dict) -> None:
-        self._scale.fill_(state["scale"])
+        """Restore ``state_dict()``'s output, validated: nothing changes unless all of it is valid."""
+        self._scale.fill_(self._validated_state(state)["scale"])
+
+    def _validated_state(self, state: dict) -> dict:
+        if not isinstance(state, dict):
+            raise TypeError(f"state must be a dict from state_dict(), got {type(state).__name__}")
+        if not state:
+            raise RuntimeError("The source state dict is empty, possibly because it was saved from a disabled instance of GradScaler.")
+        missing = sorted(set(self.state_dict()) - set(state) - {"min_scale"})
+        if missing:
+            raise ValueError(f"{type(self).__name__}.load_state_dict: state is missing {missing} (was it saved from another kind of scaler?)")
+        return {**state, "scale": _scale_value("state['scale']", state["scale"])}
 
     # --- what differs between scalers -----------------------------------------------------------
     def _update_scale(self, found_inf: bool) -> None:
@@ -123,17 +180,26 @@ class DynamicLossScaler(StaticLossScaler):
     def __init__(self, init_scale: float = 2.0**16, growth_factor: float = 2.0, backoff_factor: float = 0.5, growth_interval: int = 2000,
                  min_scale: float | None = None):
         super().__init__(init_scale)
-        if growth_factor <= 1.0:
-            raise ValueError(f"growth_factor must be > 1, got {growth_factor}")
-        if not 0.0 < backoff_factor < 1.0:
-            raise ValueError(f"backoff_factor must be in (0, 1), got {backoff_factor}")
-        if not isinstance(growth_interval, int) or growth_interval < 1:
-            raise ValueError(f"growth_interval must be a positive integer, got {growth_interval}")
-        if min_scale is not None and not 0 < min_scale <= init_scale:
-            raise ValueError(f"min_scale must be in (0, init_scale], got {min_scale}")
-        self.growth_factor, self.backoff_factor, self.growth_interval = growth_factor, backoff_factor, growth_interval
-        self.min_scale = min_scale
+        self.growth_factor, self.backoff_factor, self.growth_interval, self.min_scale = self._validated_options(
+            growth_factor, backoff_factor, growth_interval, min_scale, float(self._scale))
         self._growth_tracker = 0  # clean steps since the last change
+
+    @staticmethod
+    def _validated_options(growth_factor, backoff_factor, growth_interval, min_scale, scale, prefix=""):
+        growth_factor = float(_number(prefix + "growth_factor", growth_factor))
+        backoff_factor = float(_number(prefix + "backoff_factor", backoff_factor))
+        growth_interval = _number(prefix + "growth_interval", growth_interval, integer=True)
+        if not (math.isfinite(growth_factor) and 1.0 < growth_factor <= FLOAT32_MAX):
+            raise ValueError(f"{prefix}growth_factor must be a finite number > 1, got {growth_factor!r}")
+        if not (0.0 < backoff_factor < 1.0) or float(torch.tensor(backoff_factor, dtype=torch.float32)) in (0.0, 1.0):
+            raise ValueError(f"{prefix}backoff_factor must be in (0, 1) (and not round to 0 or 1 in float32), got {backoff_factor!r}")
+        if growth_interval < 1:
+            raise ValueError(f"{prefix}growth_interval must be a positive integer, got {growth_interval!r}")
+        if min_scale is not None:
+            min_scale = _scale_value(prefix + "min_scale", min_scale)
+            if min_scale > scale:
+                raise ValueError(f"{prefix}min_scale must be in (0, init_scale={scale:g}], got {min_scale!r}")
+        return growth_factor, backoff_factor, growth_interval, min_scale
 
     def _update_scale(self, found_inf: bool) -> None:
         if found_inf:
@@ -155,10 +221,16 @@ class DynamicLossScaler(StaticLossScaler):
                 "growth_interval": self.growth_interval, "_growth_tracker": self._growth_tracker, "min_scale": self.min_scale}
 
     def load_state_dict(self, state: dict) -> None:
-        super().load_state_dict(state)
-        self.growth_factor, self.backoff_factor = state["growth_factor"], state["backoff_factor"]
-        self.growth_interval, self._growth_tracker = state["growth_interval"], state["_growth_tracker"]
-        self.min_scale = state.get("min_scale")
+        """Restore ``state_dict()``'s output (ours or ``GradScaler``'s), validated: nothing changes unless all of it is valid."""
+        state = self._validated_state(state)
+        options = self._validated_options(state["growth_factor"], state["backoff_factor"], state["growth_interval"],
+                                          state.get("min_scale"), state["scale"], prefix="state: ")
+        tracker = _number("state['_growth_tracker']", state["_growth_tracker"], integer=True)
+        if not 0 <= tracker < options[2]:
+            raise ValueError(f"state['_growth_tracker'] must be in [0, growth_interval={options[2]}), got {tracker}")
+        self._scale.fill_(state["scale"])
+        self.growth_factor, self.backoff_factor, self.growth_interval, self.min_scale = options
+        self._growth_tracker = tracker
 
 
 def scaler_trajectory(scaler, steps: int = 300, poison: dict[int, float] | None = None, seed: int = 0) -> tuple[list[tuple[float, bool]], torch.nn.Module]:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import html
 import json
+import math
 import uuid
 from importlib import resources
 
@@ -27,6 +28,15 @@ _STYLE = """
 #{id} .mp-status {{ color: #555; font-size: 0.9em; margin-left: 0.8em; }}
 #{id} .mp-name {{ font-weight: 600; }}
 """
+
+
+def script_json(data) -> str:
+    """``data`` as JSON that is safe inside an inline ``<script>``: no ``</script>``, ``<!--`` or line separators can
+    end the script early or start markup, whatever strings (format names...) the data holds. Non-finite numbers are refused."""
+    text = json.dumps(data, allow_nan=False, ensure_ascii=False)
+    for raw, escaped in (("<", "\\u003c"), (">", "\\u003e"), ("&", "\\u0026"), ("\u2028", "\\u2028"), ("\u2029", "\\u2029")):
+        text = text.replace(raw, escaped)
+    return text
 
 
 def _script(filename: str) -> str:
@@ -65,7 +75,7 @@ class FormatExplorer:
         self.id = "mp-" + uuid.uuid4().hex[:10]
 
     def _repr_html_(self) -> str:
-        specs = json.dumps([format_spec(f) for f in self.formats])
+        specs = script_json([format_spec(f) for f in self.formats])
         header = "".join(f"<th>{h}</th>" for h in ("格式", "位（符号 指数 尾数）", "存储的值", "类别", "绝对误差", "相对误差"))
         return (
             f'<div id="{self.id}" class="mixprec-explorer">'
@@ -98,16 +108,21 @@ def scale_histogram(values, fmt: str | FloatFormat = "fp16", width: float = 0.25
     import torch
 
     fmt = get_format(fmt)
-    if not (width > 0 and (1 / width).is_integer()):
-        raise ValueError(f"width must be 1/k for a whole number k (so bins align with powers of two), got {width}")
+    if isinstance(width, bool) or not isinstance(width, (int, float)) or not (width > 0 and math.isfinite(width) and (1 / width).is_integer()):
+        raise ValueError(f"width must be 1/k for a whole number k (so bins align with powers of two), got {width!r}")
     edges = zone_edges(fmt)
-    v = torch.as_tensor(values).detach().float().flatten().abs()
-    nonzero = v[v > 0]
+    v = torch.as_tensor(values).detach().flatten()
+    v = (v if v.dtype == torch.float64 else v.float()).abs()
+    if v.numel() == 0:
+        raise ValueError("values is empty: the loss-scale explorer needs at least one recorded value")
+    finite = torch.isfinite(v)
+    nonzero = v[finite & (v > 0)]
     bins = torch.floor(torch.log2(nonzero) / width).long()
     first = int(bins.min()) if bins.numel() else 0
     counts = torch.bincount(bins - first).tolist() if bins.numel() else []
     return {
         "lo": first * width, "width": width, "counts": counts, "zeros": int((v == 0).sum()), "total": int(v.numel()),
+        "nonfinite": int((~finite).sum()),  # inf or NaN already: they overflow at every scale, as zone_fractions counts them
         "fmt": {"name": fmt.name, "flushBelow": edges["flushed_below"], "minNormal": edges["normal_from"],
                 "overflowAt": edges["overflow_from"]},
     }
@@ -118,7 +133,9 @@ class LossScaleExplorer:
 
     def __init__(self, values, fmt: str | FloatFormat = "fp16", initial_log2_scale: int = 0):
         self.data = scale_histogram(values, fmt)
-        self.initial = int(initial_log2_scale)
+        if isinstance(initial_log2_scale, bool) or not isinstance(initial_log2_scale, int) or not -8 <= initial_log2_scale <= 32:
+            raise ValueError(f"initial_log2_scale must be an integer in -8..32 (the slider's range), got {initial_log2_scale!r}")
+        self.initial = initial_log2_scale
         self.id = "ms-" + uuid.uuid4().hex[:10]
 
     def _repr_html_(self) -> str:
@@ -132,12 +149,15 @@ class LossScaleExplorer:
             '<span class="ms-scale" style="font-family: monospace"></span>'
             f'<div class="ms-plot"></div><table><tbody></tbody></table>'
             f"<script>{scale_explorer_script()}\n"
-            f'MixprecScale.mount(document.getElementById("{self.id}"), {json.dumps(self.data)}, {self.initial});</script>'
+            f'MixprecScale.mount(document.getElementById("{self.id}"), {script_json(self.data)}, {self.initial});</script>'
             "</div>"
         )
 
 
 # --- memory calculator ----------------------------------------------------------------------------
+
+
+MAX_MILLIONS = 1e9  # 10**15 parameters: far beyond any model, and still exact in the page's arithmetic
 
 
 class MemoryCalculator:
@@ -147,6 +167,8 @@ class MemoryCalculator:
         from .amp import BYTES_PER_PARAMETER
 
         self.table = BYTES_PER_PARAMETER
+        if isinstance(millions, bool) or not isinstance(millions, (int, float)) or not (math.isfinite(millions) and 0 <= millions <= MAX_MILLIONS):
+            raise ValueError(f"millions must be a number of millions of parameters in 0..{MAX_MILLIONS:g}, got {millions!r}")
         self.millions = float(millions)
         self.id = "mm-" + uuid.uuid4().hex[:10]
 
@@ -164,6 +186,7 @@ class MemoryCalculator:
             '<label>参数量（百万）：<input type="number" min="0" step="any"></label> '
             f'<span style="font-size:0.85em;margin-left:1em">{legend}</span>'
             "<table><tbody></tbody></table>"
-            f"<script>{script}\nMixprecMemory.mount(document.getElementById(\"{self.id}\"), {json.dumps(self.table)}, {self.millions});</script>"
+            f"<script>{script}\nMixprecMemory.mount(document.getElementById(\"{self.id}\"), {script_json(self.table)}, "
+            f"{script_json(self.millions)}, {script_json(MAX_MILLIONS)});</script>"
             "</div>"
         )

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import json
 
-from ..cache import cache_key
+from ..cache import cached, key_value, write_json
 from ..step import TrainHistory
 from .corpus import GrammarScore, StoryData, generate_stories, grammar_score, load_stories, split_sentences
 from .data import TokenData, encode
@@ -30,25 +30,34 @@ __all__ = [
 def storyteller(size: str = "tiny", steps: int = 1000, precision: str = "fp32", n_stories: int = 20_000, seed: int = 0, **train_options):
     """A trained storyteller, its tokenizer, token data and training history, cached on disk.
 
-    The cache key covers every argument and the library version, so chapters that ask for the same
-    model during one book build share one training run.
+    The cache key covers every argument, the library version and the library source
+    (``mixprec.cache``), so chapters that ask for the same model during one book build share one
+    training run, and a change to the training code retrains. Options that are objects are keyed by
+    their full configuration (a loss scaler by its class and ``state_dict()``); a callable option
+    (``after_backward``) is refused: call ``story.train`` for that. A damaged entry is rebuilt.
     """
     from transformers import GPT2LMHeadModel
 
     if str(precision).startswith("fp8"):
         raise ValueError("storyteller() caches plain GPT-2 checkpoints; train an fp8 model with story.train on a copy instead")
     progress = train_options.pop("progress", True)  # how it is shown does not change what is trained: not part of the key
+    config = {"size": size, "steps": steps, "precision": precision, "n_stories": n_stories, "seed": seed, "options": train_options}
+    key_value(config, "storyteller")  # refuse an option that cannot be keyed before any work
     stories = load_stories("offline", n=n_stories, seed=seed)
     tokenizer = train_tokenizer(stories.train)
     data = encode(stories, tokenizer)
-    path = cache_key("storyteller", size=size, steps=steps, precision=precision, n_stories=n_stories, seed=seed, options=train_options)
-    if (path / "history.json").exists():
-        model = GPT2LMHeadModel.from_pretrained(path, attn_implementation="sdpa")
-        history = TrainHistory(**json.loads((path / "history.json").read_text()))
-        return model, tokenizer, data, history
-    model = build_model(size, len(tokenizer), seed=seed, eos_token_id=tokenizer.eos_token_id)
-    settings = {"lr": SIZES[size].lr, "weight_decay": SIZES[size].weight_decay, **train_options}
-    history = train(model, data, precision=precision, steps=steps, seed=seed, progress=progress, **settings)
-    model.save_pretrained(path)
-    (path / "history.json").write_text(json.dumps(history.as_dict()))
+
+    def build(directory):
+        model = build_model(size, len(tokenizer), seed=seed, eos_token_id=tokenizer.eos_token_id)
+        settings = {"lr": SIZES[size].lr, "weight_decay": SIZES[size].weight_decay, **train_options}
+        history = train(model, data, precision=precision, steps=steps, seed=seed, progress=progress, **settings)
+        model.save_pretrained(directory)
+        write_json(directory / "history.json", history.as_dict())
+        return model, history
+
+    def load(directory):
+        model = GPT2LMHeadModel.from_pretrained(directory, attn_implementation="sdpa")
+        return model, TrainHistory(**json.loads((directory / "history.json").read_text()))
+
+    model, history = cached("storyteller", config, build, load)
     return model, tokenizer, data, history

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import math
 import time
 from dataclasses import dataclass, field
 
@@ -86,6 +87,24 @@ class Generation:
         return len(self.token_ids) / self.seconds if self.seconds > 0 else float("nan")
 
 
+def check_context(model, prompt_tokens: int, max_new_tokens: int) -> None:
+    """Refuse a generation that cannot fit: an empty prompt, or prompt + new tokens past the context window.
+
+    ``model`` is a transformers model or an ``InferenceModel``; its ``config.n_positions`` is the
+    window (a GPT-2 has no positions beyond it: the position embedding lookup would fail).
+    """
+    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be an integer >= 1, got {max_new_tokens!r}")
+    if prompt_tokens < 1:
+        raise ValueError("the prompt is empty: give at least one token of text (e.g. 'Once upon a time')")
+    n_positions = getattr(getattr(getattr(model, "model", model), "config", None), "n_positions", None)
+    if isinstance(n_positions, int) and prompt_tokens + max_new_tokens > n_positions:
+        room = n_positions - prompt_tokens
+        fix = f"ask for at most {room} new tokens" if room >= 1 else f"shorten the prompt to fewer than {n_positions} tokens"
+        raise ValueError(f"the prompt ({prompt_tokens} tokens) plus max_new_tokens ({max_new_tokens}) exceeds the model's "
+                         f"context window of {n_positions} positions: {fix}")
+
+
 def generate(model, tokenizer, prompt: str, precision: str = "fp32", seed: int = 0, max_new_tokens: int = 100, greedy: bool = False,
              temperature: float = 1.0, top_k: int | None = None) -> Generation:
     """Continue ``prompt`` with ``model.generate`` (KV cache on) at ``precision``; stops at EOS.
@@ -94,13 +113,15 @@ def generate(model, tokenizer, prompt: str, precision: str = "fp32", seed: int =
     be an ``InferenceModel`` from ``for_inference`` to avoid copying it on every call. Only tokens
     actually generated are counted, not padding after EOS.
     """
-    if max_new_tokens < 1:
-        raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
-    if not greedy and temperature <= 0:
-        raise ValueError(f"temperature must be > 0 when sampling, got {temperature}")
+    if not isinstance(prompt, str):
+        raise TypeError(f"prompt must be a string, got {type(prompt).__name__}")
+    if not greedy and not (isinstance(temperature, (int, float)) and math.isfinite(temperature) and temperature > 0):
+        raise ValueError(f"temperature must be a finite number > 0 when sampling, got {temperature!r}")
+    inputs = tokenizer(prompt, return_tensors="pt")
+    check_context(model, inputs["input_ids"].shape[1], max_new_tokens)
     prepared = for_inference(model, precision)
     device = next(prepared.model.parameters()).device
-    inputs = tokenizer(prompt, return_tensors="pt").to(device)
+    inputs = inputs.to(device)
     options = dict(max_new_tokens=max_new_tokens, pad_token_id=tokenizer.eos_token_id, eos_token_id=tokenizer.eos_token_id, use_cache=True)
     options.update(do_sample=False) if greedy else options.update(do_sample=True, temperature=temperature, top_k=top_k or 0)
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []), prepared.context():

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .generate import InferenceModel, for_inference, until_eos
+from .generate import InferenceModel, check_context, for_inference, until_eos
 from .metrics import next_token_kl
 
 
@@ -58,7 +58,9 @@ def time_generation(model, tokenizer, prompt: str, precision: str = "fp32", batc
         raise ValueError(f"batch_size, max_new_tokens and repeat must be >= 1; got {batch_size}, {max_new_tokens}, {repeat}")
     prepared = for_inference(model, precision)
     device = next(prepared.model.parameters()).device
-    ids = tokenizer(prompt, return_tensors="pt")["input_ids"].to(device).repeat(batch_size, 1)
+    ids = tokenizer(prompt, return_tensors="pt")["input_ids"]
+    check_context(prepared, ids.shape[1], max_new_tokens)
+    ids = ids.to(device).repeat(batch_size, 1)
     options = dict(max_new_tokens=max_new_tokens, do_sample=True, top_k=0, pad_token_id=tokenizer.eos_token_id,
                    eos_token_id=tokenizer.eos_token_id, attention_mask=torch.ones_like(ids))
     times, counts = [], []

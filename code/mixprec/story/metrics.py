@@ -12,8 +12,21 @@ import torch.nn.functional as F
 
 
 def perplexity(mean_loss: float) -> float:
-    """exp of the mean next-token cross-entropy (in nats), e.g. from ``story.train.evaluate``."""
-    return math.exp(mean_loss)
+    """exp of the mean next-token cross-entropy (in nats), e.g. from ``story.train.evaluate``.
+
+    A loss beyond float range (about 709.8 nats) gives inf, NaN gives NaN; a negative loss is an error
+    (a cross-entropy cannot be negative).
+    """
+    if isinstance(mean_loss, torch.Tensor) and mean_loss.numel() == 1:
+        mean_loss = mean_loss.item()
+    if isinstance(mean_loss, bool) or not isinstance(mean_loss, (int, float)):
+        raise TypeError(f"mean_loss must be a number (nats), got {mean_loss!r}")
+    if mean_loss < 0:
+        raise ValueError(f"mean_loss is a cross-entropy and cannot be negative, got {mean_loss!r}")
+    try:
+        return math.exp(mean_loss)
+    except OverflowError:
+        return math.inf
 
 
 def unigram_entropy(ids: torch.Tensor) -> float:
@@ -29,7 +42,12 @@ def token_kl(reference_logits: torch.Tensor, logits: torch.Tensor) -> torch.Tens
         raise ValueError(f"logit shapes differ: {tuple(reference_logits.shape)} vs {tuple(logits.shape)}")
     log_p_ref = F.log_softmax(reference_logits.double(), dim=-1)
     log_p = F.log_softmax(logits.double(), dim=-1)
-    return (log_p_ref.exp() * (log_p_ref - log_p)).sum(-1)
+    if torch.isnan(log_p_ref).any() or torch.isnan(log_p).any():
+        raise ValueError("logits contain NaN, or a position whose logits are all -inf (no token possible)")
+    p_ref = log_p_ref.exp()
+    # A token the reference rules out (-inf logit, p_ref = 0) adds nothing, even where p rules it out too
+    # (0 · (-inf + inf) would be NaN); one the reference allows and p rules out makes the KL infinite.
+    return torch.where(p_ref > 0, p_ref * (log_p_ref - log_p), torch.zeros_like(p_ref)).sum(-1)
 
 
 def token_entropy(logits: torch.Tensor) -> torch.Tensor:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import hashlib
 from collections.abc import Sequence
 
-from ..cache import cache_key
+from ..cache import cached
 
 EOS = "<|endoftext|>"
 
@@ -15,7 +15,8 @@ def train_tokenizer(texts: Sequence[str], vocab_size: int = 2048, cache: bool = 
 
     Byte-level, like GPT-2's: any string encodes, nothing maps to an unknown token, and decoding
     gives back the exact text. ``<|endoftext|>`` separates stories and is the EOS and padding token.
-    The cache key is a hash of the texts and the vocabulary size.
+    The cache key is a hash of the texts, the vocabulary size and the library source (``mixprec.cache``);
+    a damaged cached file is rebuilt, never loaded.
     """
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
@@ -25,10 +26,8 @@ def train_tokenizer(texts: Sequence[str], vocab_size: int = 2048, cache: bool = 
     if not 257 <= vocab_size <= 65_536:
         raise ValueError(f"vocab_size must be in 257..65536 (256 bytes + EOS at least), got {vocab_size}")
     digest = hashlib.sha256("\x00".join(texts).encode()).hexdigest()
-    path = cache_key("tokenizer", texts=digest, vocab_size=vocab_size) / "tokenizer.json"
-    if cache and path.exists():
-        tokenizer = Tokenizer.from_file(str(path))
-    else:
+
+    def build(directory=None):
         tokenizer = Tokenizer(models.BPE())
         tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
         tokenizer.decoder = decoders.ByteLevel()
@@ -36,7 +35,13 @@ def train_tokenizer(texts: Sequence[str], vocab_size: int = 2048, cache: bool = 
             vocab_size=vocab_size, special_tokens=[EOS], initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False
         )
         tokenizer.train_from_iterator(texts, trainer=trainer)
-        if cache:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            tokenizer.save(str(path))
+        if directory is not None:
+            tokenizer.save(str(directory / "tokenizer.json"))
+        return tokenizer
+
+    if cache:
+        tokenizer = cached("tokenizer", {"texts": digest, "vocab_size": vocab_size}, build,
+                           lambda entry: Tokenizer.from_file(str(entry / "tokenizer.json")))
+    else:
+        tokenizer = build()
     return PreTrainedTokenizerFast(tokenizer_object=tokenizer, eos_token=EOS, bos_token=EOS, pad_token=EOS)

@@ -68,6 +68,8 @@ def evaluate(model: torch.nn.Module, batches, policy: Policy | str = "fp32", dev
         total += loss.item() * y.numel()
         count += y.numel()
     model.train(was_training)
+    if count == 0:
+        raise ValueError("evaluate needs at least one batch (e.g. data.eval_windows(batch_size, block_size, n) with n >= 1)")
     return total / count
 
 
