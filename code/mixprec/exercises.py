@@ -368,15 +368,6 @@ def check_tokens_per_second(fn: Callable[[torch.Tensor, int, float], float]) -> 
     return CheckResult(True, [f"{len(cases)} 种情况都正确：每个序列算到并包括它的第一个 EOS"])
 
 
-def _as_float(answer) -> float | None:
-    """A reader's numeric answer as a finite float, or None (strings, None, NaN, inf, tensors of many values)."""
-    try:
-        value = float(answer)
-    except (TypeError, ValueError, RuntimeError, OverflowError):
-        return None
-    return value if math.isfinite(value) else None
-
-
 def outlier_tensor(seed: int = 0) -> torch.Tensor:
     """The activation of the recipe exercise: 256 tokens × 256 features, token 7 a hundred thousand times larger."""
     g = torch.Generator().manual_seed(seed)
@@ -392,7 +383,7 @@ def check_outlier_recipe(recipe: str) -> CheckResult:
     from .fp8 import RECIPES, Float8LinearConfig
 
     if not isinstance(recipe, str) or recipe not in RECIPES:
-        return CheckResult(False, [f"请回答一个配方名：{', '.join(RECIPES)}（收到 {recipe!r}）"])
+        return CheckResult(False, [f"请回答一个配方名：{', '.join(RECIPES)}（收到 {_short(recipe)}）"])
     x = outlier_tensor()
     others = torch.ones(256, dtype=torch.bool)
     others[7] = False
@@ -411,11 +402,12 @@ def check_mx_block(amax: float, restored) -> CheckResult:
     scale). What does that largest value come back as? ``restored``: your prediction."""
     from .fp8 import quantize_mx
 
-    value, guess = _as_float(amax), _as_float(restored)
-    if value is None or value <= 0:
-        return CheckResult(False, [f"amax 应是一个有限的正数，收到 {amax!r}"])
-    if guess is None:
-        return CheckResult(False, [f"请给出一个有限的数作为预测，收到 {restored!r}"])
+    value, problem = _number(amax, "amax")
+    if problem or value <= 0:
+        return CheckResult(False, [problem or f"amax 应是一个正数，收到 {_short(amax)}"])
+    guess, problem = _number(restored, "预测的还原值")
+    if problem:
+        return CheckResult(False, [problem])
     block = torch.zeros(1, 32)
     block[0, 0] = value
     q = quantize_mx(block)
