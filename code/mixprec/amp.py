@@ -34,7 +34,7 @@ from dataclasses import dataclass
 
 import torch
 from torch.overrides import TorchFunctionMode
-from torch.utils._pytree import tree_leaves
+from torch.utils._pytree import tree_leaves, tree_map
 
 from .emulate import EmulatedAutocast, RoundAllOps, held_in
 from .formats import FloatFormat, get_format, round_to_format
@@ -287,8 +287,10 @@ class AutocastInspector(TorchFunctionMode):
 
     A ``TorchFunctionMode`` sees calls *before* autocast rewrites them, so each record shows the
     dtypes the caller passed and the dtypes autocast handed back. To tell autocast's doing from
-    PyTorch's ordinary type promotion, each call is run a second time with autocast disabled and
-    the output dtypes compared (in-place calls are not re-run). Use it inside the autocast context::
+    PyTorch's ordinary type promotion, each call is run a second time with autocast disabled, on
+    *meta* copies of its tensors (shape and dtype, no data, no random-number generator), and the
+    output dtypes compared: nothing runs twice on real data, so BatchNorm's running statistics,
+    in-place ops and dropout behave exactly as without the inspector. Use it inside autocast::
 
         with torch.amp.autocast("cpu", dtype=torch.bfloat16), AutocastInspector() as seen:
             model(x)
@@ -296,6 +298,8 @@ class AutocastInspector(TorchFunctionMode):
     """
 
     _SKIP = {"__get__", "__getitem__", "size", "dim", "backward"}  # accessors autocast never touches
+    # explicit conversions: autocast never changes what they return, and a device move has no meta twin
+    _CONVERSIONS = {"to", "cpu", "cuda", "type", "type_as", "float", "half", "bfloat16", "double"}
 
     def __init__(self):
         super().__init__()
@@ -310,11 +314,13 @@ class AutocastInspector(TorchFunctionMode):
             return out
         plain = None
         devices = [t.device.type for t in tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor)]
-        if devices and not name.endswith("_"):
+        if name in self._CONVERSIONS:
+            plain = outs
+        elif devices and not name.endswith("_"):
             try:
-                with torch.amp.autocast(device_type=devices[0], enabled=False):
-                    plain = tuple(_float_dtypes(func(*args, **kwargs)))
-            except RuntimeError:  # e.g. a BF16 activation times an FP32 weight: only autocast makes that legal
+                with torch.no_grad(), torch.amp.autocast(device_type=devices[0], enabled=False):
+                    plain = tuple(_float_dtypes(func(*tree_map(_meta, args), **tree_map(_meta, kwargs))))
+            except Exception:  # mixed dtypes that only autocast makes legal, or an op without a meta kernel
                 plain = None
         self.records.append(OpRecord(name, tuple(_float_dtypes((args, kwargs))), outs, plain if devices else outs))
         return out
@@ -326,6 +332,10 @@ class AutocastInspector(TorchFunctionMode):
             row = table.setdefault(r.name, {})
             row[r.category] = row.get(r.category, 0) + 1
         return table
+
+
+def _meta(value):
+    return value.detach().to("meta") if isinstance(value, torch.Tensor) else value
 
 
 def _float_dtypes(tree) -> list[str]:
