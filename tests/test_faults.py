@@ -838,3 +838,17 @@ def test_gpu_workflow_cache_is_scoped_to_the_commit():
     workflow = yaml.safe_load((ROOT / ".github" / "workflows" / "gpu-book.yml").read_text())
     cache = workflow["jobs"]["build"]["env"]["MIXPREC_CACHE"]
     assert "${{ github.sha }}" in cache and cache.startswith("${{ github.workspace }}")
+
+
+def test_master_weights_with_a_frozen_parameter():
+    """Row 33: a frozen weight is converted with the rest (one working dtype), and gets no master copy."""
+    from mixprec.amp import MasterWeights
+
+    model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.Linear(4, 2))
+    model[0].weight.requires_grad_(False)
+    master = MasterWeights(model, torch.bfloat16)
+    assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
+    assert len(master.master) == 3 and all(m.dtype == torch.float32 for m in master.master)
+    model(torch.randn(3, 4).bfloat16()).sum().backward()  # runs: no mixed-dtype error
+    master.grads_to_master()
+    assert model[0].weight.grad is None

@@ -174,7 +174,10 @@ def test_every_writer_uses_the_one_naming_and_record_functions():
     gpu = yaml.safe_load((ROOT / ".github" / "workflows" / "gpu-book.yml").read_text())
     steps = [s for job in gpu["jobs"].values() for s in job.get("steps", [])]
     (record,) = [s for s in steps if s.get("name", "").startswith("Record GPU results")]
-    assert "--record" in record["run"] and "--out" not in record["run"] and "nvidia-smi" not in record["run"]
-    assert ".json" not in record["run"]  # the workflow names no files: the writers do, with hw.result_filename
+    assert "tools/record_gpu_results.sh" in record["run"]  # the one recording command, also run by hand on a GPU box
+    script = (ROOT / "tools" / "record_gpu_results.sh").read_text()
+    commands = [line for line in script.splitlines() if line.lstrip().startswith("run ")]
+    assert commands and all("--record" in c and "--out" not in c for c in commands)
+    assert ".json" not in script  # no file names: the writers name their files with hw.result_filename
     uploaded = [s["with"]["path"] for s in steps if s.get("with", {}).get("name") == "gpu-results"]
     assert uploaded == [f"{hw.PACKAGE_GPU_DATA.relative_to(ROOT)}/*.json"]

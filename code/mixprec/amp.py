@@ -240,7 +240,7 @@ class MasterWeights:
         self.master = [p.detach().float().clone().requires_grad_(True) for p in self.params]
         if isinstance(working, torch.dtype):
             self.dtype, self.format = working, None
-            for p in self.params:
+            for p in model.parameters():  # frozen ones too: the model computes in one dtype; only trained ones get masters
                 p.data = p.data.to(working)
         else:
             self.dtype, self.format = torch.float32, get_format(working)
