@@ -1,0 +1,81 @@
+"""The book's execution budget: build the whole book from a cold cache and print each chapter's time.
+
+Cold means a fresh jupyter cache (``BOOK_JUPYTER_CACHE``) and a fresh mixprec cache (``MIXPREC_CACHE``:
+no tokenizer or trained storyteller on disk), so every chapter executes and the first chapter that needs
+a model trains it, as on a fresh CI machine. The times are myst-nb's own (jupyter-cache records each
+notebook's execution seconds); the total is the build's wall time, execution plus Sphinx.
+
+    python bench/book_budget.py [--out DIR] [--json FILE]
+
+Targets on the 2-core machine (issue 15): every chapter <= 3 minutes, the whole book <= 12 minutes.
+The build folder is kept (``DIR/_build/html``, the cache in ``DIR/jupyter_cache``): a PDF build can
+reuse the execution with ``BOOK_JUPYTER_CACHE=DIR/jupyter_cache jupyter-book build . --builder pdflatex``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from datetime import date
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+CHAPTER_LIMIT_S, BOOK_LIMIT_S = 180, 720
+
+
+def chapter_times(cache: Path) -> dict[str, float]:
+    from jupyter_cache import get_cache
+
+    times = {}
+    for record in get_cache(str(cache)).list_cache_records():
+        times[Path(record.uri).stem] = float(record.data.get("execution_seconds", float("nan")))
+    return dict(sorted(times.items()))
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", type=Path, help="build folder (default: a new temporary folder, kept)")
+    parser.add_argument("--json", type=Path, help="also write the figures to this file")
+    args = parser.parse_args(argv)
+    out = (args.out or Path(tempfile.mkdtemp(prefix="book_budget_"))).resolve()
+    if out.exists():
+        shutil.rmtree(out)
+    cache, mixprec_cache = out / "jupyter_cache", out / "mixprec_cache"
+    out.mkdir(parents=True)
+    env = {**os.environ, "BOOK_JUPYTER_CACHE": str(cache), "MIXPREC_CACHE": str(mixprec_cache)}
+    env.pop("BOOK_EXECUTE", None)  # cache mode: the executions are recorded in the (empty) cache
+    jb = shutil.which("jupyter-book") or sys.exit("jupyter-book is not installed (requirements.txt)")
+    start = time.perf_counter()
+    res = subprocess.run([jb, "build", str(ROOT), "--all", "--path-output", str(out)], env=env, cwd=ROOT,
+                         capture_output=True, text=True)
+    wall = time.perf_counter() - start
+    (out / "build.log").write_text(res.stdout + res.stderr)
+    if res.returncode != 0:
+        print((res.stdout + res.stderr)[-4000:])
+        sys.exit(f"book build failed (log: {out / 'build.log'})")
+    times = chapter_times(cache)
+    executed = sum(times.values())
+    print(f"{date.today()}  {platform.node()}: {os.cpu_count()} cores, {platform.processor() or platform.machine()}, "
+          f"Python {platform.python_version()}, MIXPREC_PROFILE={os.environ.get('MIXPREC_PROFILE', '(default)')}")
+    print(f"{'chapter':24s} {'seconds':>8s}")
+    for name, seconds in times.items():
+        flag = "" if seconds <= CHAPTER_LIMIT_S else f"  over the {CHAPTER_LIMIT_S} s target"
+        print(f"{name:24s} {seconds:8.1f}{flag}")
+    print(f"{'all chapters executing':24s} {executed:8.1f}")
+    print(f"{'whole build (wall)':24s} {wall:8.1f}" + ("" if wall <= BOOK_LIMIT_S else f"  over the {BOOK_LIMIT_S} s target"))
+    print(f"build folder: {out}")
+    if args.json:
+        args.json.write_text(json.dumps({"date": str(date.today()), "cores": os.cpu_count(), "chapters": times,
+                                         "executing_s": executed, "wall_s": wall}, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
