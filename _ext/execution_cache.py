@@ -48,10 +48,10 @@ def project_root(start: Path) -> Path:
     return start
 
 
-def library_key(root: Path, profile: str | None = None) -> str:
+def library_key(root: Path, profile: str | None = None, lib: Path | None = None) -> str:
     """A short hash of everything outside a chapter that decides its outputs."""
     h = hashlib.sha256()
-    lib = library_dir()
+    lib = lib or library_dir()
     files = sorted(p for p in lib.rglob("*") if p.is_file() and "__pycache__" not in p.parts and p.suffix != ".pyc")
     for path in files:
         h.update(path.relative_to(lib).as_posix().encode() + b"\0" + path.read_bytes() + b"\0")
