@@ -33,11 +33,20 @@ ROOT = Path(__file__).resolve().parents[1]
 CHAPTER_LIMIT_S, BOOK_LIMIT_S = 180, 720
 
 
-# jupyter-book in this process's child, with nbclient's per-cell timing on (myst-nb leaves it off)
+# jupyter-book in a child process with nbclient's per-cell timing on (myst-nb leaves it off). The
+# timings are moved out of the notebook before jupyter-cache stores it (cell metadata is part of its
+# hash: left in, the cache would never match again), into BOOK_BUDGET_TIMINGS, one line per notebook.
 _JB_WITH_TIMING = """
-import functools, sys
+import json, os, sys
 import myst_nb.core.execute.cache as c
-c.single_nb_execution = functools.partial(c.single_nb_execution, record_timing=True)
+_run = c.single_nb_execution
+def timed(nb, **kwargs):
+    result = _run(nb, **{**kwargs, "record_timing": True})
+    rows = [[cell.metadata.pop("execution", {}), cell.source] for cell in nb.cells if cell.cell_type == "code"]
+    with open(os.environ["BOOK_BUDGET_TIMINGS"], "a", encoding="utf-8") as f:
+        f.write(json.dumps(rows) + "\\n")
+    return result
+c.single_nb_execution = timed
 from jupyter_book.cli.main import main
 sys.argv = ["jupyter-book"] + sys.argv[1:]
 main()
@@ -45,24 +54,25 @@ main()
 CELL_START = re.compile(r"^`{3,}\{code-cell\}")
 
 
-def slowest_cells(cache: Path, n: int) -> dict[str, list[tuple[float, int, str]]]:
+def slowest_cells(cache: Path, timings: Path, n: int) -> dict[str, list[tuple[float, int, str]]]:
     """(seconds, source line, first code line) of each chapter's n slowest cells."""
     from datetime import datetime
 
     from jupyter_cache import get_cache
 
+    recorded = [json.loads(line) for line in timings.read_text(encoding="utf-8").splitlines()] if timings.exists() else []
     db = get_cache(str(cache))
     result = {}
     for record in db.list_cache_records():
         source = Path(record.uri)
         lines = [i + 1 for i, line in enumerate(source.read_text(encoding="utf-8").splitlines()) if CELL_START.match(line)]
-        cells = [c for c in db.get_cache_bundle(record.pk).nb.cells if c.cell_type == "code"]
+        sources = [c.source for c in db.get_cache_bundle(record.pk).nb.cells if c.cell_type == "code"]
+        rows = next((r for r in recorded if [src for _, src in r] == sources), [])
         timed = []
-        for k, cell in enumerate(cells):
-            ex = cell.get("metadata", {}).get("execution", {})
+        for k, (ex, src) in enumerate(rows):
             if "iopub.execute_input" in ex and "shell.execute_reply" in ex:
                 t0, t1 = (datetime.fromisoformat(ex[key].replace("Z", "+00:00")) for key in ("iopub.execute_input", "shell.execute_reply"))
-                first = next((x for x in cell.source.splitlines() if x.strip() and not x.startswith(("#", ":", "---"))), "")
+                first = next((x for x in src.splitlines() if x.strip() and not x.startswith(("#", ":", "---"))), "")
                 timed.append(((t1 - t0).total_seconds(), lines[k] if k < len(lines) else -1, first[:90]))
         result[source.stem] = sorted(timed, reverse=True)[:n]
     return dict(sorted(result.items()))
@@ -90,7 +100,8 @@ def main(argv: list[str] | None = None) -> int:
         shutil.rmtree(out)
     cache, mixprec_cache = out / "jupyter_cache", out / "mixprec_cache"
     out.mkdir(parents=True)
-    env = {**os.environ, "BOOK_JUPYTER_CACHE": str(cache), "MIXPREC_CACHE": str(mixprec_cache),
+    timings = out / "cell_timings.jsonl"
+    env = {**os.environ, "BOOK_JUPYTER_CACHE": str(cache), "MIXPREC_CACHE": str(mixprec_cache), "BOOK_BUDGET_TIMINGS": str(timings),
            "BOOK_TIMEOUT_SCALE": str(args.timeout_scale)}
     env.pop("BOOK_EXECUTE", None)  # cache mode: the executions are recorded in the (empty) cache
     jb = shutil.which("jupyter-book") or sys.exit("jupyter-book is not installed (requirements.txt)")
@@ -114,7 +125,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"{'all chapters executing':24s} {executed:8.1f}")
     print(f"{'whole build (wall)':24s} {wall:8.1f}" + ("" if wall <= BOOK_LIMIT_S else f"  over the {BOOK_LIMIT_S} s target"))
     print(f"build folder: {out}")
-    cells = slowest_cells(cache, args.cells) if args.cells else {}
+    cells = slowest_cells(cache, timings, args.cells) if args.cells else {}
     for name, rows in cells.items():
         print(f"{name}: " + "; ".join(f"line {line} {sec:.1f} s `{first}`" for sec, line, first in rows))
     if args.json:

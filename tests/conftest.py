@@ -65,6 +65,19 @@ def build_log(request):
 
 
 @pytest.fixture(scope="session")
+def pdf_log(build_log):
+    """The PDF edition (xelatex), built after the HTML build from its execution cache: nothing runs again."""
+    jb = shutil.which("jupyter-book")
+    shutil.rmtree(ROOT / "_build" / "latex", ignore_errors=True)
+    cmd = [jb, "build", str(ROOT), "--builder", "pdflatex", "-n", "--keep-going"]
+    res = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, env=book_env())
+    log = res.stdout + res.stderr
+    (ROOT / "_build" / "pdf.log").write_text(log)
+    assert res.returncode == 0, "PDF build failed:\n" + log[-6000:]
+    return log
+
+
+@pytest.fixture(scope="session")
 def colab_run():
     """The finished Colab run: its process (started in the background by the build, or now)."""
     process = start_colab_run()
