@@ -105,6 +105,7 @@ def main(argv: list[str] | None = None) -> int:
            "BOOK_TIMEOUT_SCALE": str(args.timeout_scale)}
     env.pop("BOOK_EXECUTE", None)  # cache mode: the executions are recorded in the (empty) cache
     jb = shutil.which("jupyter-book") or sys.exit("jupyter-book is not installed (requirements.txt)")
+    load_before = os.getloadavg()[0]
     start = time.perf_counter()
     cmd = [sys.executable, "-c", _JB_WITH_TIMING] if args.cells else [jb]
     res = subprocess.run([*cmd, "build", str(ROOT), "--all", "--path-output", str(out)], env=env, cwd=ROOT,
@@ -118,6 +119,8 @@ def main(argv: list[str] | None = None) -> int:
     executed = sum(times.values())
     print(f"{date.today()}  {platform.node()}: {os.cpu_count()} cores, {platform.processor() or platform.machine()}, "
           f"Python {platform.python_version()}, MIXPREC_PROFILE={os.environ.get('MIXPREC_PROFILE', '(default)')}")
+    # other work on the machine stretches every figure: the load average says how much there was
+    print(f"load average (1 min): {load_before:.1f} at the start, {os.getloadavg()[0]:.1f} at the end, on {os.cpu_count()} cores")
     print(f"{'chapter':24s} {'seconds':>8s}")
     for name, seconds in times.items():
         flag = "" if seconds <= CHAPTER_LIMIT_S else f"  over the {CHAPTER_LIMIT_S} s target"
