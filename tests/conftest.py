@@ -15,6 +15,9 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 HTML = ROOT / "_build" / "html"
+# The tests' own jupyter cache, emptied before the build: every chapter executes (no result of an
+# earlier local build is reused), and the PDF build (tests/test_pdf.py) then reuses this execution.
+TEST_CACHE = ROOT / "_build" / ".jupyter_cache" / "tests"
 COLAB_WORK = ROOT / "_build" / "colab-check"
 _background: dict[str, subprocess.Popen] = {}
 
@@ -26,6 +29,13 @@ def pytest_collection_modifyitems(session, config, items):
 
 def _one_core_env() -> dict[str, str]:
     return {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+
+
+def book_env(base: dict[str, str] | None = None) -> dict[str, str]:
+    """The environment of the tests' book builds: cache mode on the tests' own jupyter cache."""
+    env = {**(base if base is not None else os.environ), "BOOK_JUPYTER_CACHE": str(TEST_CACHE)}
+    env.pop("BOOK_EXECUTE", None)
+    return env
 
 
 def start_colab_run() -> subprocess.Popen:
@@ -45,11 +55,25 @@ def build_log(request):
     if parallel:
         start_colab_run()
     cmd = [jb, "build", str(ROOT), "--all", "-W", "-n", "--keep-going"]  # --all: no stale pages
-    res = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, env=_one_core_env() if parallel else None)
+    shutil.rmtree(TEST_CACHE, ignore_errors=True)  # a fresh execution of every chapter
+    res = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, env=book_env(_one_core_env() if parallel else None))
     log = res.stdout + res.stderr
     (ROOT / "_build").mkdir(exist_ok=True)
     (ROOT / "_build" / "build.log").write_text(log)
     assert res.returncode == 0, "book build failed:\n" + log[-6000:]
+    return log
+
+
+@pytest.fixture(scope="session")
+def pdf_log(build_log):
+    """The PDF edition (xelatex), built after the HTML build from its execution cache: nothing runs again."""
+    jb = shutil.which("jupyter-book")
+    shutil.rmtree(ROOT / "_build" / "latex", ignore_errors=True)
+    cmd = [jb, "build", str(ROOT), "--builder", "pdflatex", "-n", "--keep-going"]
+    res = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, env=book_env())
+    log = res.stdout + res.stderr
+    (ROOT / "_build" / "pdf.log").write_text(log)
+    assert res.returncode == 0, "PDF build failed:\n" + log[-6000:]
     return log
 
 

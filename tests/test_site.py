@@ -1,6 +1,7 @@
-"""The built site in a headless browser, offline: pages load without JavaScript errors, the explorers
-respond to input, Chinese search works, internal links and cross-references resolve, and the Colab
-buttons open .ipynb notebooks. Screenshots of the chapter pages are kept in _build/screenshots/."""
+"""The built site in a headless browser, offline: pages load without JavaScript errors and without a
+request leaving localhost, formulas render with the bundled MathJax, the explorers respond to input,
+Chinese search works, internal links and cross-references resolve, and the Colab buttons open .ipynb
+notebooks. Screenshots of the chapter pages are kept in _build/screenshots/."""
 
 import functools
 import http.server
@@ -52,13 +53,65 @@ def browser(site):
         browser.close()
 
 
-def _open(browser, url: str, errors: list[str]):
+LOCAL = re.compile(r"^(http://127\.0\.0\.1[:/]|data:|blob:|about:)")
+
+
+def _open(browser, url: str, errors: list[str], requests: list[str] | None = None):
     page = browser.new_page(viewport={"width": 1280, "height": 900})
-    # Offline, as a reader without network would be: anything not on localhost is refused.
+    # Offline, as a reader without network would be: anything not on localhost is refused (and noted).
     page.route(re.compile(r"^(?!http://127\.0\.0\.1).*"), lambda route: route.abort())
     page.on("pageerror", lambda exc: errors.append(f"{url}: {exc}"))
+    if requests is not None:
+        page.on("request", lambda request: requests.append(request.url))
     page.goto(url, wait_until="load")
     return page
+
+
+def _wait_for_mathjax(page) -> None:
+    page.wait_for_function("() => window.MathJax && MathJax.startup && MathJax.startup.promise", timeout=20_000)
+    page.evaluate("() => MathJax.startup.promise")
+
+
+def test_no_request_leaves_localhost(browser, site):
+    """Every page, with its scripts, styles, fonts and MathJax, loads from the site itself."""
+    outside: list[str] = []
+    errors: list[str] = []
+    for path in pages():
+        requests: list[str] = []
+        page = _open(browser, site + path.relative_to(HTML).as_posix(), errors, requests)
+        page.wait_for_load_state("networkidle")
+        if page.locator(".math").count():
+            _wait_for_mathjax(page)  # MathJax loads its fonts and extensions lazily
+        page.close()
+        assert any(r.startswith(site) for r in requests), f"no request recorded for {path.name}"
+        outside += [f"{path.name}: {r}" for r in requests if not LOCAL.match(r)]
+    assert not outside, "requests leaving the machine:\n" + "\n".join(sorted(set(outside)))
+
+
+@pytest.mark.parametrize("chapter", ["01_formats", "02_loss_scaling", "04_bf16_fp16"])
+def test_formulas_render_offline(browser, site, chapter):
+    """MathJax (bundled in _static, no CDN) turns every formula into rendered math: no raw TeX is left."""
+    SHOTS.mkdir(parents=True, exist_ok=True)
+    errors: list[str] = []
+    page = _open(browser, f"{site}book/{chapter}.html", errors)
+    formulas = page.locator("span.math, div.math").count()
+    assert formulas >= 3, f"{chapter} has {formulas} formulas"
+    _wait_for_mathjax(page)
+    assert page.locator("mjx-container").count() >= formulas
+    assert page.locator("mjx-merror").count() == 0, "a formula MathJax could not parse"
+    # the reader's text outside code: no TeX delimiter may be left unrendered
+    prose = page.evaluate("""() => {
+        const main = document.querySelector("main").cloneNode(true);
+        main.querySelectorAll("pre, code, script, style, mjx-container, .cell_output").forEach(e => e.remove());
+        return main.innerText; }""")
+    raw = [m.group(0) for m in re.finditer(r".{0,30}(\\\(|\\\[|\$\$|\\frac|\^\{).{0,30}", prose)]
+    assert not raw, f"raw TeX in {chapter}: {raw[:3]}"
+    first = page.locator("mjx-container").first
+    first.scroll_into_view_if_needed()
+    box = first.bounding_box()
+    assert box and box["width"] > 5 and box["height"] > 5, "a rendered formula has no size (fonts missing?)"
+    page.screenshot(path=str(SHOTS / f"math_{chapter}.png"))  # the viewport, with the first formula in it
+    assert not errors, errors
 
 
 def test_every_page_loads_without_javascript_errors(browser, site):

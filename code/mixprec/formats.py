@@ -14,13 +14,18 @@ never typed in.
 
 ``round_to_format`` rounds float32 tensors to the values of a format, bit for bit like torch's own
 casts, with round-to-nearest-even or stochastic rounding. It is plain vectorised torch, so it
-emulates formats the hardware lacks (FP8 on a CPU, or a made-up E3M4) on any device.
+emulates formats the hardware lacks (FP8 on a CPU, or a made-up E3M4) on any device. That eager
+code is the readable reference. For large tensors an opt-in fused path (``MIXPREC_COMPILE_ROUNDING=1``)
+runs the same rounding as one ``torch.compile`` kernel of integer arithmetic on the bit patterns,
+bit-exact with the eager path for round-to-nearest-even (``_round_bits_fused``).
 """
 
 from __future__ import annotations
 
 import math
+import os
 import re
+import warnings
 from dataclasses import dataclass
 from functools import cache
 from typing import Literal
@@ -30,6 +35,7 @@ import torch
 Special = Literal["ieee", "fn"]
 Rounding = Literal["nearest", "stochastic"]
 Overflow = Literal["auto", "saturate", "nonfinite"]
+Impl = Literal["auto", "eager", "compiled"]
 
 
 @dataclass(frozen=True)
@@ -302,6 +308,7 @@ def round_to_format(
     rounding: Rounding = "nearest",
     generator: torch.Generator | None = None,
     overflow: Overflow = "auto",
+    impl: Impl = "auto",
 ) -> torch.Tensor:
     """Round ``x`` to the nearest values of ``fmt``; returns float32 values exactly representable in ``fmt``.
 
@@ -313,6 +320,12 @@ def round_to_format(
         x's device (checked once by trying it; torch 2.13 saturates E4M3FN, even from inf);
         for formats without a torch dtype it means ``"nonfinite"``.
     NaN stays NaN, the sign of zero is kept, and subnormals are produced, not flushed.
+    impl: ``"eager"`` is the reference code below. ``"compiled"`` is one fused ``torch.compile`` kernel
+        (bit-exact with eager for ``"nearest"``; ``"stochastic"`` draws its random bits from a
+        counter-based hash seeded by ``generator``, so its stream differs from eager's). ``"auto"``
+        (default) takes the compiled kernel only when ``MIXPREC_COMPILE_ROUNDING=1`` and ``x`` has at
+        least ``COMPILE_MIN_NUMEL`` elements (compiling costs seconds). Where compiling fails the
+        eager code runs, with one warning.
     """
     fmt = get_format(fmt)
     if not isinstance(x, torch.Tensor):
@@ -324,6 +337,8 @@ def round_to_format(
         )
     if rounding not in ("nearest", "stochastic"):
         raise ValueError(f"rounding must be 'nearest' or 'stochastic', got {rounding!r}")
+    if impl not in ("auto", "eager", "compiled"):
+        raise ValueError(f"impl must be 'auto', 'eager' or 'compiled', got {impl!r}")
     if overflow not in ("auto", "saturate", "nonfinite"):
         raise ValueError(f"overflow must be 'auto', 'saturate' or 'nonfinite', got {overflow!r}")
     x = x.detach().float().contiguous()  # values only: rounding has no useful gradient
@@ -333,6 +348,10 @@ def round_to_format(
         raise ValueError(f"{fmt.name}: round_to_format emulates formats whose exponent range fits in float32 (E <= 8)")
     if overflow == "auto":
         overflow = torch_overflow_convention(fmt, x.device.type)
+    if impl == "compiled" or (impl == "auto" and x.numel() >= COMPILE_MIN_NUMEL and compiled_rounding_enabled()):
+        out = _round_compiled(x, fmt, rounding, generator, overflow)
+        if out is not None:
+            return out
 
     flat, out = x.view(-1), torch.empty_like(x).view(-1)
     # On CPU, work through cache-sized pieces and reuse two scratch buffers: several times faster
@@ -398,6 +417,100 @@ def _round_magnitude_narrow_exponent(x, out, fmt: FloatFormat, rounding: Roundin
     floor = torch.floor(scaled)
     u = torch.rand(a.shape, generator=generator, device=a.device)
     torch.mul(floor.add_((u < scaled - floor).float()), q, out=out)
+
+
+# --- the fused path: the same rounding as integer arithmetic on the bit patterns, compiled ----------
+
+COMPILE_MIN_NUMEL = 2**20  # below this the eager path is fast enough and a compile never pays back
+_M32 = 0xFFFFFFFF
+_compiled: dict[str, object] = {}  # "fn": the compiled kernel, or "failed": why it could not be used
+
+
+def compiled_rounding_enabled() -> bool:
+    """Whether ``round_to_format(impl="auto")`` uses the compiled kernel for large tensors (opt-in)."""
+    return os.environ.get("MIXPREC_COMPILE_ROUNDING", "0") not in ("", "0", "false", "no")
+
+
+def _round_bits_fused(bits, seed, *, mantissa_bits: int, emin: int, max_bits: int, overflow_bits: int,
+                      saturate: bool, stochastic: bool):
+    """float32 bit patterns (int32) -> bit patterns of the values rounded to the format (int32).
+
+    Integers only, so no compiler flag (fast-math) can change a result. With a = the bits of |x|,
+    its float32 exponent field ex and significand sig (the implicit 1 included), the format's grid
+    step at |x| is 2**s units of sig, s = (23 - M) + max(0, emin_field - ex): rounding is rounding
+    sig to a multiple of 2**s, ties to even (or up with probability (sig mod 2**s) / 2**s). A carry
+    into 2**24 moves the exponent up, which is rounding up across a binade; s is capped at 25,
+    where every value rounds to 0. Then overflow (saturate, or inf / NaN), NaN in NaN out, sign.
+    """
+    a = bits & 0x7FFFFFFF
+    ex = torch.clamp(a >> 23, min=1)  # float32 subnormals share the exponent of the smallest normal
+    sig = a - ((ex - 1) << 23)  # mantissa with the implicit bit for normals, without for subnormals
+    s = torch.clamp((emin + 127) - ex, min=0) + (23 - mantissa_bits)
+    if stochastic:
+        # round up with probability (sig mod 2**s) / 2**s, from 32 random bits h: up iff h < frac * 2**(32 - s)
+        # (for s > 32, ceil(frac / 2**(s - 32)): the probability is exact to 2**-32; s is capped at 56,
+        # where it is below 2**-32 anyway)
+        s = torch.clamp(s, max=56).to(torch.int64)
+        i = torch.arange(bits.numel(), device=bits.device, dtype=torch.int64)
+        h = (i * 0x9E3779B1 + seed * 0x632BE5AB) & _M32  # a counter-based hash (lowbias32-like) of the index
+        h = ((h ^ (h >> 16)) * 0x7FEB352D) & _M32
+        h = ((h ^ (h >> 15)) * 0x2C1B3C6D) & _M32
+        h = h ^ (h >> 16)
+        sig64 = sig.to(torch.int64)
+        frac = sig64 & ((1 << s) - 1)
+        wide = torch.clamp(s - 32, min=0)
+        threshold = torch.where(s <= 32, frac << torch.clamp(32 - s, min=0), (frac + (1 << wide) - 1) >> wide)
+        rounded = ((sig64 >> s) << s) + ((h < threshold).to(torch.int64) << s)
+    else:
+        s = torch.clamp(s, max=25)  # from s = 25 on, |x| is under half the smallest subnormal: 0
+        rounded = ((sig + ((1 << s) >> 1) - 1 + ((sig >> s) & 1)) >> s) << s  # ties to the even neighbour
+    # a result of 2**s with s > 24 is the format's smallest subnormal, whose exponent sig cannot carry
+    r = torch.where(s > 24, ((emin - mantissa_bits) + 127) << 23, ((ex - 1) << 23) + rounded)
+    r = torch.where(rounded == 0, 0, r).to(torch.int32)
+    r = torch.where(r > max_bits, max_bits if saturate else overflow_bits, r)
+    r = torch.where(a > 0x7F800000, a, r)  # NaN in, NaN out
+    return r | (bits ^ a)  # the sign of x, zeros and NaN included
+
+
+def _compiled_kernel():
+    if "fn" not in _compiled and "failed" not in _compiled:
+        _compiled["fn"] = torch.compile(_round_bits_fused, dynamic=True, fullgraph=True)
+    return _compiled.get("fn")
+
+
+def _fused_args(fmt: FloatFormat, rounding: Rounding, overflow: str) -> dict:
+    max_bits = int(torch.tensor(fmt.max, dtype=torch.float32).view(torch.int32))
+    return dict(mantissa_bits=fmt.mantissa_bits, emin=fmt.emin, max_bits=max_bits,
+                overflow_bits=0x7F800000 if fmt.has_inf else 0x7FC00000,
+                saturate=overflow == "saturate", stochastic=rounding == "stochastic")
+
+
+def _round_compiled(x: torch.Tensor, fmt: FloatFormat, rounding: Rounding, generator, overflow: str) -> torch.Tensor | None:
+    """The fused kernel's result as float32, or None where no compiler works (warned about once)."""
+    kernel = _compiled_kernel()
+    if kernel is None:
+        return None
+    if rounding == "stochastic":
+        seed = torch.randint(0, 2**31 - 1, (), generator=generator, dtype=torch.int64)
+    else:
+        seed = torch.zeros((), dtype=torch.int64)
+    try:
+        bits = kernel(x.reshape(-1).view(torch.int32), seed.to(x.device), **_fused_args(fmt, rounding, overflow))
+    except Exception as exc:  # no C++ compiler, an unsupported backend, ...: the eager path is always there
+        _compiled.pop("fn", None)
+        _compiled["failed"] = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+        warnings.warn(f"mixprec.formats: torch.compile of round_to_format failed ({_compiled['failed']}); "
+                      "using the eager path from now on", RuntimeWarning, stacklevel=3)
+        return None
+    _compiled["used"] = True
+    return bits.view(torch.float32).view(x.shape)
+
+
+def compiled_rounding_status() -> str:
+    """'ready' (compiled and used), 'not compiled yet', or why the compiled path is unavailable."""
+    if "failed" in _compiled:
+        return "unavailable: " + str(_compiled["failed"])
+    return "ready" if "used" in _compiled else "not compiled yet"
 
 
 # --- where values land in a format: its zones ------------------------------------------------------
