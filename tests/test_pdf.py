@@ -101,9 +101,6 @@ def test_figures_included(pdf):
     assert len(images) >= len(site_figures), f"{len(images)} images in the PDF, {len(site_figures)} on the site"
 
 
-@pytest.mark.xfail(strict=True, reason="mixprec.widgets explorers and exercises.CheckResult have only HTML reprs: the PDF "
-                   "prints '<mixprec.widgets.FormatExplorer at 0x…>' and 'CheckResult(passed=True, …)'. Fix: give them a "
-                   "_repr_markdown_ (or _repr_latex_) and a readable __repr__; then remove this xfail")
 def test_no_python_object_reprs_in_the_text(pdf_text):
     leaks = re.findall(r"<mixprec\.[\w.]+ at 0x[0-9a-f]+>|CheckResult\(passed=", pdf_text)
     assert not leaks, f"{len(leaks)} outputs print as Python objects, e.g. {leaks[:3]}"

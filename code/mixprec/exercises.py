@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import html
 import math
+import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -29,6 +30,13 @@ class CheckResult:
     def __str__(self) -> str:
         head = "✔ 正确" if self.passed else "✘ 还不对"
         return "\n".join([head] + [f"- {m}" for m in self.messages])
+
+    def __repr__(self) -> str:
+        return str(self)
+
+    def _repr_markdown_(self) -> str:  # print editions (PDF); the HTML repr wins on the site
+        escaped = [re.sub(r"([\\`*_\[\]<>#|])", r"\\\1", m) for m in self.messages]
+        return "**" + ("✔ 正确" if self.passed else "✘ 还不对") + "**\n\n" + "\n".join(f"- {m}" for m in escaped)
 
     def _repr_html_(self) -> str:
         colour = "#e8f5e9" if self.passed else "#fdecea"

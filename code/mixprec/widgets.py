@@ -74,6 +74,9 @@ class FormatExplorer:
         self.value = str(value)
         self.id = "mp-" + uuid.uuid4().hex[:10]
 
+    def _repr_markdown_(self) -> str:  # print editions (PDF): no JavaScript there
+        return f"*（交互式格式浏览器，比较 {', '.join(f.name for f in self.formats)}：请在网页版或 Colab 中使用。）*"
+
     def _repr_html_(self) -> str:
         specs = script_json([format_spec(f) for f in self.formats])
         header = "".join(f"<th>{h}</th>" for h in ("格式", "位（符号 指数 尾数）", "存储的值", "类别", "绝对误差", "相对误差"))
@@ -138,6 +141,9 @@ class LossScaleExplorer:
         self.initial = initial_log2_scale
         self.id = "ms-" + uuid.uuid4().hex[:10]
 
+    def _repr_markdown_(self) -> str:  # print editions (PDF): no JavaScript there
+        return f"*（交互式损失缩放浏览器，格式 {self.data['fmt']['name']}：请在网页版或 Colab 中使用。）*"
+
     def _repr_html_(self) -> str:
         style = (f"#{self.id} {{ font-family: system-ui, sans-serif; margin: 0.5em 0 1em; }} "
                  f"#{self.id} input {{ width: 22em; vertical-align: middle; }} "
@@ -171,6 +177,9 @@ class MemoryCalculator:
             raise ValueError(f"millions must be a number of millions of parameters in 0..{MAX_MILLIONS:g}, got {millions!r}")
         self.millions = float(millions)
         self.id = "mm-" + uuid.uuid4().hex[:10]
+
+    def _repr_markdown_(self) -> str:  # print editions (PDF): no JavaScript there
+        return f"*（交互式显存计算器，{self.millions:g} M 参数：请在网页版或 Colab 中使用。）*"
 
     def _repr_html_(self) -> str:
         script = _script("memory_calculator.js")
