@@ -45,7 +45,10 @@ def pdf_text(pdf):
 
 def test_pdf_reuses_the_html_build_execution(pdf_log):
     assert "Executing notebook" not in pdf_log, "the PDF build executed chapters again"
-    assert pdf_log.count("Using cached notebook") >= len([d for d in _chapters() if "references" not in d])
+    # either Sphinx reuses the HTML build's environment (no source is read again), or it reads every
+    # chapter back from the execution cache
+    reused = re.search(r"updating environment: .*0 added, 0 changed, 0 removed", pdf_log)
+    assert reused or pdf_log.count("Using cached notebook") >= len([d for d in _chapters() if "references" not in d])
 
 
 def test_no_missing_glyphs(pdf):
