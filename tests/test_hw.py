@@ -181,3 +181,19 @@ def test_every_writer_uses_the_one_naming_and_record_functions():
     assert ".json" not in script  # no file names: the writers name their files with hw.result_filename
     uploaded = [s["with"]["path"] for s in steps if s.get("with", {}).get("name") == "gpu-results"]
     assert uploaded == [f"{hw.PACKAGE_GPU_DATA.relative_to(ROOT)}/*.json"]
+
+
+def test_chapter_executor_reads_every_code_cell_without_its_options():
+    """tools/execute_chapters.py (for GPU machines without the book toolchain) runs what the book runs."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("execute_chapters", ROOT / "tools" / "execute_chapters.py")
+    tool = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tool)
+    for chapter in sorted((ROOT / "book").glob("0*.md")):
+        text = chapter.read_text(encoding="utf-8")
+        cells = tool.code_cells(text)
+        assert len(cells) == text.count("{code-cell}"), chapter.name
+        assert not any(c.lstrip().startswith((":tags:", "---")) for c in cells), chapter.name
+        for cell in cells:
+            compile(cell, chapter.name, "exec")  # valid Python: no option line or fence left in
