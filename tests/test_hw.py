@@ -36,6 +36,14 @@ def test_peak_table():
     assert round(hw.peak_tflops(h100, "fp8") / hw.peak_tflops(h100, "bf16"), 2) == 2.0
     assert hw.peak_tflops("Tesla T4", "bf16") is None
     assert hw.peak_tflops("Some GPU", "fp16") is None
+    # Whole words, the longest row first: names as torch.cuda.get_device_name() reports them.
+    names = {"NVIDIA H200": "H200 SXM", "NVIDIA H100 80GB HBM3": "H100 SXM", "NVIDIA H100 PCIe": "H100 PCIe",
+             "NVIDIA H100 NVL": "H100 NVL", "NVIDIA L4": "L4", "NVIDIA L40S": "L40S", "NVIDIA L40": None,
+             "NVIDIA A100-SXM4-80GB": "A100 SXM", "NVIDIA A100-PCIE-40GB": "A100 PCIe", "Tesla V100-SXM2-16GB": "V100 SXM2",
+             "Tesla T4": "T4", "NVIDIA H200 NVL": None, "NVIDIA GeForce RTX 4090": None}
+    assert {name: hw.peak_row(name) for name in names} == names
+    assert hw.peak_tflops("NVIDIA H200", "bf16") == hw.PEAK_TFLOPS["H200 SXM"]["bf16"]
+    assert hw.peak_tflops("NVIDIA L40S", "bf16") > 2 * hw.peak_tflops("NVIDIA L4", "bf16")
     assert set(hw.PEAK_TFLOPS) == set(hw.PEAK_TFLOPS_SOURCE)
     with pytest.raises(ValueError):
         hw.peak_tflops("H100", "int8")
@@ -197,3 +205,23 @@ def test_chapter_executor_reads_every_code_cell_without_its_options():
         assert not any(c.lstrip().startswith((":tags:", "---")) for c in cells), chapter.name
         for cell in cells:
             compile(cell, chapter.name, "exec")  # valid Python: no option line or fence left in
+
+
+def test_self_time_shares_reads_the_profile_by_device():
+    from torch.autograd.profiler_util import FunctionEventAvg
+    from torch.profiler import ProfilerActivity, profile
+
+    # The attribute a CUDA profile is ranked by exists on the averaged events (the CPU build has the same class).
+    assert all(hasattr(FunctionEventAvg(), attr) for attr in hw.SELF_TIME_ATTR.values())
+    a = torch.randn(64, 64)
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        for _ in range(3):
+            (a @ a).relu()
+    shares = hw.self_time_shares(prof, "cpu", top=3)
+    assert len(shares) == 3 and all(0 <= s <= 1 for _, _, s in shares)
+    assert [s for _, _, s in shares] == sorted((s for _, _, s in shares), reverse=True)
+    assert any(name == "aten::mm" for name, _, _ in hw.self_time_shares(prof, "cpu", top=10))
+    with pytest.raises(ValueError, match="no cuda time"):
+        hw.self_time_shares(prof, "cuda")
+    with pytest.raises(ValueError, match="device must be one of"):
+        hw.self_time_shares(prof, "meta")

@@ -321,6 +321,10 @@ def test_storyteller_is_cached(tmp_path, monkeypatch):
     second = storyteller("tiny", steps=2, n_stories=300, batch_size=4, block_size=32, progress=False)
     assert second[3].loss == first[3].loss
     assert all(torch.equal(a, b) for a, b in zip(first[0].state_dict().values(), second[0].state_dict().values()))
+    # Trained now (first) or loaded (second), the model comes back alike: on the CPU, in eval() mode
+    # (training runs on the GPU where there is one; the chapters feed it CPU tensors).
+    for model in (first[0], second[0]):
+        assert {p.device.type for p in model.parameters()} == {"cpu"} and not model.training
 
 
 def test_bench_cli_writes_provenance(tmp_path, monkeypatch):

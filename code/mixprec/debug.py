@@ -299,7 +299,7 @@ def plot_log2_histogram(tensors: dict[str, torch.Tensor], fmt: str | FloatFormat
     if ax is None:
         _, ax = plt.subplots(figsize=(7, 3.2))
     for name, t in tensors.items():
-        v = t.detach().float().flatten()
+        v = t.detach().float().flatten().cpu()
         v = v[torch.isfinite(v) & (v != 0)].abs().log2()
         if v.numel():
             ax.hist(v.numpy(), bins=bins, histtype="step", linewidth=1.3, label=name, density=True)

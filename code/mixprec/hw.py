@@ -93,26 +93,59 @@ PEAK_TFLOPS: dict[str, dict[str, float | None]] = {
     "V100 SXM2": {"fp32": 15.7, "tf32": None, "fp16": 125.0, "bf16": None, "fp8": None},
     "T4": {"fp32": 8.1, "tf32": None, "fp16": 65.0, "bf16": None, "fp8": None},
     "A100 SXM": {"fp32": 19.5, "tf32": 156.0, "fp16": 312.0, "bf16": 312.0, "fp8": None},
+    "A100 PCIe": {"fp32": 19.5, "tf32": 156.0, "fp16": 312.0, "bf16": 312.0, "fp8": None},
     "L4": {"fp32": 30.3, "tf32": 60.0, "fp16": 121.0, "bf16": 121.0, "fp8": 242.5},
+    "L40S": {"fp32": 91.6, "tf32": 183.0, "fp16": 362.05, "bf16": 362.05, "fp8": 733.0},
     "H100 SXM": {"fp32": 66.9, "tf32": 494.7, "fp16": 989.4, "bf16": 989.4, "fp8": 1978.9},
+    "H100 PCIe": {"fp32": 51.0, "tf32": 378.0, "fp16": 756.5, "bf16": 756.5, "fp8": 1513.0},
+    "H100 NVL": {"fp32": 60.0, "tf32": 417.5, "fp16": 835.5, "bf16": 835.5, "fp8": 1670.5},
+    "H200 SXM": {"fp32": 66.9, "tf32": 494.7, "fp16": 989.4, "bf16": 989.4, "fp8": 1978.9},
 }
 PEAK_TFLOPS_SOURCE = {
     "V100 SXM2": "NVIDIA Tesla V100 GPU datasheet (2020)",
     "T4": "NVIDIA T4 Tensor Core GPU datasheet (2019)",
     "A100 SXM": "NVIDIA A100 Tensor Core GPU datasheet (2021); sparse figures halved",
+    "A100 PCIe": "NVIDIA A100 Tensor Core GPU datasheet (2021), PCIe column; sparse figures halved",
     "L4": "NVIDIA L4 Tensor Core GPU datasheet (2023); sparse figures halved",
+    "L40S": "NVIDIA L40S GPU datasheet (2023); sparse figures halved",
     "H100 SXM": "NVIDIA H100 Tensor Core GPU architecture whitepaper (2022), Table 3",
+    "H100 PCIe": "NVIDIA H100 Tensor Core GPU datasheet (2023), H100 PCIe column; sparse figures halved",
+    "H100 NVL": "NVIDIA H100 Tensor Core GPU datasheet (2024), H100 NVL column; sparse figures halved",
+    "H200 SXM": "NVIDIA H200 Tensor Core GPU datasheet (2024), H200 SXM column; sparse figures halved "
+                "(equal to the H100 SXM's: same GH100 compute, more and faster memory)",
 }
+# Words in a GPU's name that name a board variant with other peaks than the plain model's (the
+# plain name of an SXM board, "NVIDIA H100 80GB HBM3" or "NVIDIA H200", carries no such word).
+_VARIANT_WORDS = {"pcie", "nvl"}
+
+
+def _words(text: str) -> list[str]:
+    return re.findall(r"[a-z0-9]+", text.lower())
+
+
+def peak_row(gpu_name: str) -> str | None:
+    """The row of ``PEAK_TFLOPS`` that describes a GPU, by whole words of its name; None if no row does.
+
+    A row matches when all its words are words of the name ('NVIDIA H100 PCIe' -> 'H100 PCIe'; 'NVIDIA L40S'
+    is not an L4); the longest match wins. A name without a variant word ('pcie', 'nvl') falls back to the
+    model's SXM row ('NVIDIA H100 80GB HBM3', 'NVIDIA A100-SXM4-80GB' -> the SXM rows).
+    """
+    if not isinstance(gpu_name, str):
+        raise TypeError(f"gpu_name must be a string, got {type(gpu_name).__name__}")
+    words = set(_words(gpu_name))
+    rows = {key: _words(key) for key in PEAK_TFLOPS}
+    full = [key for key, kw in rows.items() if set(kw) <= words]
+    if not full and not words & _VARIANT_WORDS:
+        full = [key for key, kw in rows.items() if kw[0] in words and all(re.fullmatch(r"sxm\d*", w) for w in kw[1:])]
+    return max(full, key=lambda key: len(rows[key])) if full else None
 
 
 def peak_tflops(gpu_name: str, dtype: str) -> float | None:
-    """Datasheet peak for a GPU whose name contains one of the table's keys (e.g. 'NVIDIA H100 80GB HBM3')."""
+    """Datasheet peak of a GPU (e.g. 'NVIDIA H100 80GB HBM3'), matched by ``peak_row``; None if unknown or no such unit."""
     if dtype not in ("fp32", "tf32", "fp16", "bf16", "fp8"):
         raise ValueError(f"dtype must be one of fp32, tf32, fp16, bf16, fp8; got {dtype!r}")
-    for key, row in PEAK_TFLOPS.items():
-        if key.split()[0].lower() in gpu_name.lower():
-            return row[dtype]
-    return None
+    row = peak_row(gpu_name)
+    return PEAK_TFLOPS[row][dtype] if row else None
 
 
 @dataclass(frozen=True)
@@ -168,6 +201,27 @@ def matmul_tflops(n: int, dtype: torch.dtype, device: str | torch.device | None 
     b = torch.randn(n, n, generator=g).to(dev, dtype)
     t = benchmark(lambda: a @ b, warmup=1, repeat=repeat, device=dev)
     return 2 * n**3 / t.median / 1e12
+
+
+# The profiler's per-operator self time, by device: ``prof.key_averages()`` gives FunctionEventAvg
+# entries, which name the GPU time ``self_device_time_total`` (``self_cuda_time_total`` is gone from them).
+SELF_TIME_ATTR = {"cpu": "self_cpu_time_total", "cuda": "self_device_time_total"}
+
+
+def self_time_shares(prof, device: str | torch.device, top: int = 8) -> list[tuple[str, int, float]]:
+    """The ``top`` operators of a ``torch.profiler.profile`` by self time on ``device``: (name, calls, share of the total)."""
+    kind = torch.device(device).type
+    if kind not in SELF_TIME_ATTR:
+        raise ValueError(f"device must be one of {sorted(SELF_TIME_ATTR)}, got {kind!r}")
+    if not isinstance(top, int) or top < 1:
+        raise ValueError(f"top must be a positive integer, got {top!r}")
+    attr = SELF_TIME_ATTR[kind]
+    events = prof.key_averages()
+    total = sum(getattr(e, attr) for e in events)
+    if total <= 0:
+        raise ValueError(f"the profile holds no {kind} time: was it recorded with ProfilerActivity.{kind.upper()}?")
+    ranked = sorted(events, key=lambda e: getattr(e, attr), reverse=True)[:top]
+    return [(e.key, e.count, getattr(e, attr) / total) for e in ranked]
 
 
 # --- GPU results recorded elsewhere -------------------------------------------------------------

@@ -35,6 +35,9 @@ def storyteller(size: str = "tiny", steps: int = 1000, precision: str = "fp32", 
     training run, and a change to the training code retrains. Options that are objects are keyed by
     their full configuration (a loss scaler by its class and ``state_dict()``); a callable option
     (``after_backward``) is refused: call ``story.train`` for that. A damaged entry is rebuilt.
+
+    The model comes back the same way whether it was trained now or loaded: on the CPU, in ``eval()``
+    mode (training runs on the default device; move the model where you need it).
     """
     from transformers import GPT2LMHeadModel
 
@@ -53,7 +56,7 @@ def storyteller(size: str = "tiny", steps: int = 1000, precision: str = "fp32", 
         history = train(model, data, precision=precision, steps=steps, seed=seed, progress=progress, **settings)
         model.save_pretrained(directory)
         write_json(directory / "history.json", history.as_dict())
-        return model, history
+        return model.cpu().eval(), history
 
     def load(directory):
         model = GPT2LMHeadModel.from_pretrained(directory, attn_implementation="sdpa")
