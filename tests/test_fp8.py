@@ -105,6 +105,35 @@ def test_scaled_matmul_native_matches_emulation(quantize):
     assert ((native - a @ b.t()).norm() / (a @ b.t()).norm()) < 0.1  # FP8 is coarse, but this close
 
 
+def test_native_scaled_mm_lays_out_its_operands_and_a_failing_kernel_is_reported(monkeypatch):
+    """GPU readiness: _scaled_mm wants a row-major and b column-major whatever view the values are (the CPU
+    reference kernel accepts any layout, so a spy checks what is passed); a kernel that fails is not hidden."""
+    from mixprec.fp8 import Quantized, native_scaled_mm, scaled_matmul
+
+    g = torch.Generator().manual_seed(3)
+    a, b = torch.randn(32, 64, generator=g), torch.randn(48, 64, generator=g)
+    qa, qb = (quantize_tensorwise(t.t().contiguous()) for t in (a, b))
+    qa, qb = Quantized(qa.values.t(), qa.scale, qa.fmt), Quantized(qb.values.t(), qb.scale, qb.fmt)  # column-major views
+    real, seen = torch._scaled_mm, {}
+
+    def spy(x, y, **kw):
+        seen.update(a_row_major=x.is_contiguous(), b_column_major=y.t().is_contiguous())
+        return real(x, y, **kw)
+
+    monkeypatch.setattr(torch, "_scaled_mm", spy)
+    out = native_scaled_mm(qa, qb)
+    assert seen == {"a_row_major": True, "b_column_major": True}
+    assert torch.allclose(out, scaled_matmul(qa, qb, native=False), rtol=1e-4, atol=1e-4)
+
+    def no_kernel(*args, **kw):
+        raise RuntimeError("no FP8 kernel for this layout\nmore detail")
+
+    monkeypatch.setattr(torch, "_scaled_mm", no_kernel)
+    with pytest.warns(RuntimeWarning, match="no FP8 kernel for this layout.*emulates the same product"):
+        fallback = scaled_matmul(qa, qb)
+    assert torch.equal(fallback, scaled_matmul(qa, qb, native=False))
+
+
 def test_fp8_linear_forward_and_backward_match_fp32():
     """Stated tolerance: relative error of the output, the input gradient and the weight gradient below 10%
     (E4M3 has 3 mantissa bits, E5M2 has 2: single values are off by up to 6% and 12%; sums of many

@@ -386,3 +386,45 @@ def test_adaptive_generator_chooses_by_budget(tokenizer):
     assert chosen in gen.models and 1 <= len(story.token_ids) <= 5
     with pytest.raises(ValueError, match="fp32"):
         AdaptiveGenerator(model, tokenizer, ("bf16",))
+
+
+def test_model_for_generation_encodes_the_data_with_the_returned_tokenizer(tmp_path, monkeypatch):
+    """GPU readiness: with the hub reachable (full profile), the generation chapter switches to GPT-2; its data
+    must then be GPT-2's ids, not the storyteller's (a foreign tokenizer's ids give garbage without an error)."""
+    import mixprec.story as story_pkg
+    import mixprec.story.corpus as corpus_module
+
+    monkeypatch.setenv("MIXPREC_CACHE", str(tmp_path))
+    small = storyteller("tiny", steps=2, n_stories=300, batch_size=4, block_size=32, progress=False)
+    monkeypatch.setattr(story_pkg, "storyteller", lambda *a, **k: small)
+    other = story_pkg.train_tokenizer(story_pkg.load_stories("offline", n=300, seed=5).train, vocab_size=600)
+    fake_gpt2 = story_pkg.build_model("tiny", len(other), eos_token_id=other.eos_token_id)
+    monkeypatch.setattr(story_pkg, "load_pretrained_gpt2", lambda name="gpt2": (fake_gpt2, other))
+
+    monkeypatch.setattr(corpus_module, "hub_reachable", lambda: False)
+    model, tokenizer, data, source = story_pkg.model_for_generation(pretrained=True)
+    assert source == "storyteller" and model is small[0] and data is small[2]
+
+    monkeypatch.setattr(corpus_module, "hub_reachable", lambda: True)
+    model, tokenizer, data, source = story_pkg.model_for_generation(pretrained=True, n_stories=300)
+    assert source == "gpt2" and model is fake_gpt2 and tokenizer is other
+    assert data.vocab_size == len(other) != small[2].vocab_size
+    expected = story_pkg.encode(story_pkg.load_stories("offline", n=300), other)
+    assert torch.equal(data.valid, expected.valid) and int(data.train.max()) < len(other)
+    assert story_pkg.model_for_generation(pretrained=False)[3] == "storyteller"
+
+
+def test_hub_reachable_bounds_the_name_lookup(monkeypatch):
+    import socket
+    import time
+
+    import mixprec.story.corpus as corpus_module
+
+    def hang(*args, **kwargs):
+        time.sleep(5)
+        raise OSError("never answers")
+
+    monkeypatch.setattr(socket, "create_connection", hang)
+    start = time.perf_counter()
+    assert corpus_module.hub_reachable(timeout=0.2) is False
+    assert time.perf_counter() - start < 2

@@ -18,6 +18,7 @@ in FP32 unless ``accumulator`` asks for the narrower accumulator of FP8 tensor c
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -176,7 +177,7 @@ class DelayedScaling:
         reference = max(self.history) if self.history else amax
         if amax == amax and amax != float("inf"):
             self.history = (self.history + [amax])[-self.length :]
-        return _quantize(x, scale_from_amax(torch.tensor(reference), self.fmt), self.fmt)
+        return _quantize(x, scale_from_amax(torch.tensor(reference, device=x.device), self.fmt), self.fmt)
 
 
 # --- recipes as data -------------------------------------------------------------------------
@@ -454,8 +455,9 @@ def native_scaled_mm(a: Quantized, b: Quantized, out_dtype: torch.dtype = torch.
     if a.fmt.torch_dtype is None or b.fmt.torch_dtype is None:
         raise TypeError(f"_scaled_mm needs torch FP8 dtypes; got {a.fmt.name} and {b.fmt.name}")
     inv_a, inv_b = (1 / a.scale).float(), (1 / b.scale).float()
+    # The kernel wants a row-major and b column-major: whatever view the values are, copy them into that layout.
     return torch._scaled_mm(
-        a.values.to(a.fmt.torch_dtype), b.values.to(b.fmt.torch_dtype).t(),
+        a.values.to(a.fmt.torch_dtype).contiguous(), b.values.to(b.fmt.torch_dtype).contiguous().t(),
         scale_a=inv_a.reshape(-1, 1) if inv_a.numel() > 1 else inv_a,
         scale_b=inv_b.reshape(1, -1) if inv_b.numel() > 1 else inv_b,
         out_dtype=out_dtype,
@@ -484,11 +486,14 @@ def scaled_matmul(a: Quantized, b: Quantized, native: bool = True, out_dtype: to
         raise ValueError(f"inner dimensions differ: {tuple(a.values.shape)} and {tuple(b.values.shape)}")
     if out_dtype not in (torch.float32, torch.bfloat16, torch.float16):
         raise ValueError(f"out_dtype must be float32, bfloat16 or float16, got {out_dtype}")
-    if native and _scale_kind(a, a.values.shape[0]) and _scale_kind(b, b.values.shape[0]):
+    has_torch_dtypes = a.fmt.torch_dtype is not None and b.fmt.torch_dtype is not None
+    if native and has_torch_dtypes and _scale_kind(a, a.values.shape[0]) and _scale_kind(b, b.values.shape[0]):
         try:
             return native_scaled_mm(a, b, out_dtype)
-        except (RuntimeError, NotImplementedError, TypeError):
-            pass  # no such FP8 kernel here (or not an FP8 dtype torch knows): emulate the same product
+        except (RuntimeError, NotImplementedError) as error:  # no such kernel here: say so, then emulate the same product
+            reason = (str(error).strip().splitlines() or [""])[0]
+            warnings.warn(f"torch._scaled_mm failed on {a.values.device.type} ({type(error).__name__}: {reason}); "
+                          "scaled_matmul emulates the same product in FP32", RuntimeWarning, stacklevel=2)
     return (a.dequantize() @ b.dequantize().t()).to(out_dtype)
 
 

@@ -22,7 +22,7 @@ __all__ = [
     "SIZES", "AdaptiveGenerator", "GenerationTiming", "PrecisionProfile", "count_generated", "next_token_logits", "time_generation",
     "token_entropy", "GrammarScore", "Generation", "InferenceModel", "StoryData", "TokenData", "TrainHistory", "build_model", "compare", "count_parameters",
     "distinct_n", "encode", "evaluate", "for_inference", "gradient_sample", "generate", "generate_stories", "grammar_score", "greedy_agreement",
-    "load_pretrained_gpt2", "load_stories", "next_token_kl", "perplexity", "split_sentences", "storyteller", "token_kl", "train",
+    "load_pretrained_gpt2", "load_stories", "model_for_generation", "next_token_kl", "perplexity", "split_sentences", "storyteller", "token_kl", "train",
     "train_tokenizer", "unigram_entropy",
 ]
 
@@ -64,3 +64,24 @@ def storyteller(size: str = "tiny", steps: int = 1000, precision: str = "fp32", 
 
     model, history = cached("storyteller", config, build, load)
     return model, tokenizer, data, history
+
+
+def model_for_generation(pretrained: bool = False, n_stories: int = 20_000) -> tuple:
+    """The model a generation experiment reads: ``(model, tokenizer, data, source)``.
+
+    ``source`` is ``"storyteller"`` (the tiny model trained here) or, with ``pretrained=True`` and the hub
+    reachable, ``"gpt2"`` (OpenAI's GPT-2 small; if it cannot be loaded, the storyteller, with the reason
+    printed). Either way ``data`` holds the offline stories encoded with the returned ``tokenizer``: ids
+    from one tokenizer fed to a model of another give garbage perplexities without any error.
+    """
+    from .corpus import hub_reachable
+
+    model, tokenizer, data, _ = storyteller("tiny", progress=False)
+    if not (pretrained and hub_reachable()):
+        return model, tokenizer, data, "storyteller"
+    try:
+        model, tokenizer = load_pretrained_gpt2("gpt2")
+    except RuntimeError as error:
+        print("using the storyteller instead:", error)
+        return model, tokenizer, data, "storyteller"
+    return model, tokenizer, encode(load_stories("offline", n=n_stories), tokenizer), "gpt2"

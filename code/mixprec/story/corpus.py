@@ -16,6 +16,7 @@ from __future__ import annotations
 import random
 import re
 import socket
+import threading
 from dataclasses import dataclass
 from functools import cache
 
@@ -292,12 +293,21 @@ def offline_stories(n: int = 20_000, seed: int = 0, valid_fraction: float = 0.05
 
 
 def hub_reachable(host: str = "huggingface.co", timeout: float = 3.0) -> bool:
-    """Whether a TCP connection to ``host`` on port 443 opens within ``timeout`` seconds (no data is sent)."""
-    try:
-        with socket.create_connection((host, 443), timeout=timeout):
-            return True
-    except OSError:
-        return False
+    """Whether a TCP connection to ``host`` on port 443 opens within ``timeout`` seconds, the name lookup
+    included (it runs in a thread: a resolver that hangs cannot hold the caller longer); no data is sent."""
+    opened: list[bool] = []
+
+    def connect():
+        try:
+            with socket.create_connection((host, 443), timeout=timeout):
+                opened.append(True)
+        except OSError:
+            pass
+
+    probe = threading.Thread(target=connect, daemon=True)
+    probe.start()
+    probe.join(timeout)
+    return bool(opened)
 
 
 _hub_reachable = hub_reachable  # what load_stories calls; tests replace it to stand in for the network
