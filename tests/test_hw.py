@@ -225,3 +225,31 @@ def test_self_time_shares_reads_the_profile_by_device():
         hw.self_time_shares(prof, "cuda")
     with pytest.raises(ValueError, match="device must be one of"):
         hw.self_time_shares(prof, "meta")
+
+
+def test_recording_refuses_before_the_run_what_it_could_not_label_or_write(tmp_path, monkeypatch, capsys):
+    """GPU readiness: an FP8 run that would be emulated is not recorded under the FP8 label, and an unwritable
+    recorded_dir() is reported before the benchmark, naming MIXPREC_GPU_DATA (a GPU is faked: the checks come first)."""
+    from mixprec import bench
+
+    fake_gpu = hw.DeviceInfo("cuda", "NVIDIA H200", (9, 0), {"fp16": True, "bf16": True, "tf32": True, "fp8": True}, [])
+    monkeypatch.setattr(hw, "device_info", lambda device=None: fake_gpu)
+    monkeypatch.setattr(bench, "run_train", lambda args: pytest.fail("the benchmark ran before the check"))
+    monkeypatch.setenv("MIXPREC_GPU_DATA", str(tmp_path))
+    for precision in ("fp8", "fp8:blockwise"):  # no CUDA build here: torchao's kernels cannot run, so the emulation would
+        with pytest.raises(SystemExit) as stop:
+            bench.main(["train", "--precision", precision, "--record", "--quiet"])
+        assert "would run emulated here" in str(stop.value.code) and "only native FP8 runs are recorded" in str(stop.value.code)
+    from mixprec import fp8  # on an FP8 GPU too: torchao.float8 has no blockwise recipe, so that run is emulated
+
+    monkeypatch.setattr(fp8, "device_info", lambda device=None: fake_gpu)
+    assert fp8.fp8_engine("tensorwise") == (True, "torchao float8 training")
+    with pytest.raises(SystemExit) as stop:
+        bench.main(["train", "--precision", "fp8:blockwise", "--record", "--quiet"])
+    assert "torchao.float8 has no 'blockwise' recipe" in str(stop.value.code)
+    blocked = tmp_path / "file"
+    blocked.write_text("")
+    monkeypatch.setenv("MIXPREC_GPU_DATA", str(blocked / "sub"))
+    with pytest.raises(SystemExit) as stop:
+        bench.main(["train", "--precision", "bf16-amp", "--record", "--quiet"])
+    assert "cannot write recorded results" in str(stop.value.code) and "MIXPREC_GPU_DATA" in str(stop.value.code)

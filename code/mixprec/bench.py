@@ -22,7 +22,8 @@ from pathlib import Path
 import torch
 
 from . import hw
-from .amp import POLICY_NAMES
+from .amp import POLICY_NAMES, get_policy
+from .fp8 import fp8_engine
 from .story import SIZES, build_model, encode, for_inference, generate, grammar_score, load_stories, storyteller, train, train_tokenizer
 from .story.generate import INFERENCE_PRECISIONS
 
@@ -121,6 +122,17 @@ def run_generate(args) -> dict:
     }
 
 
+def _check_engine_to_record(precision: str) -> None:
+    """A recorded result carries only the label its run earned: an FP8 policy that would run on the
+    emulated Float8Linear (FP32 matmuls) here is not recorded as FP8."""
+    recipe = get_policy(precision).fp8
+    if recipe:
+        native, why = fp8_engine(recipe)
+        if not native:
+            raise RuntimeError(f"{precision} would run emulated here ({why}): only native FP8 runs are recorded; "
+                               "run without --record to print the emulation's figures")
+
+
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(prog="python -m mixprec.bench", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -154,6 +166,7 @@ def main(argv: list[str] | None = None) -> dict:
     if record:
         try:
             hw.recording_device()  # fail before a long run, not after it
+            _check_engine_to_record(args.precision)
         except RuntimeError as err:
             sys.exit(f"{parser.prog}: cannot record: {err}")
 

@@ -491,7 +491,8 @@ def _round_compiled(x: torch.Tensor, fmt: FloatFormat, rounding: Rounding, gener
     if kernel is None:
         return None
     if rounding == "stochastic":
-        seed = torch.randint(0, 2**31 - 1, (), generator=generator, dtype=torch.int64)
+        device = generator.device if generator is not None else x.device  # a generator draws on its own device
+        seed = torch.randint(0, 2**31 - 1, (), generator=generator, dtype=torch.int64, device=device)
     else:
         seed = torch.zeros((), dtype=torch.int64)
     try:

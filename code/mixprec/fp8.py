@@ -513,6 +513,16 @@ def native_fp8_available(device: torch.device | str | None = None) -> tuple[bool
     return True, "torchao float8 training"
 
 
+def fp8_engine(recipe: str, device: torch.device | str | None = None) -> tuple[bool, str]:
+    """Whether ``convert_to_fp8`` would run ``recipe`` on torchao's native FP8 kernels here, and if not, why."""
+    if recipe not in RECIPES:
+        raise ValueError(f"recipe must be one of {', '.join(RECIPES)}, got {recipe!r}")
+    native, why = native_fp8_available(device)
+    if native and recipe not in TORCHAO_RECIPES:
+        return False, f"torchao.float8 has no '{recipe}' recipe"
+    return native, why
+
+
 def convert_to_fp8(model: nn.Module, device: torch.device | str | None = None, recipe: str = "tensorwise") -> str:
     """Make ``model``'s linear layers FP8 with ``recipe``; returns which engine does it, and why.
 
@@ -525,15 +535,13 @@ def convert_to_fp8(model: nn.Module, device: torch.device | str | None = None, r
     def wanted(mod, fqn):
         return fqn != "lm_head" and fits_recipe(mod, recipe)
 
-    native, why = native_fp8_available(device)
-    if native and recipe in TORCHAO_RECIPES:
+    native, why = fp8_engine(recipe, device)
+    if native:
         import torchao.float8 as ao
 
         swap_linears(model, lambda linear: linear)  # GPT-2's Conv1D -> nn.Linear, which torchao converts
         ao.convert_to_float8_training(model, module_filter_fn=wanted, config=ao.Float8LinearConfig.from_recipe_name(recipe))
         return f"native (torchao float8, {recipe})"
-    if native:
-        why = f"torchao.float8 has no '{recipe}' recipe"
     convert_to_float8_training(model, module_filter_fn=wanted, config=config)
     return f"emulated {recipe} ({why})"
 

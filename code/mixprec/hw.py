@@ -276,11 +276,24 @@ def provenance(device: str | torch.device | None = None, argv: list[str] | None 
 
 
 def recording_device() -> DeviceInfo:
-    """The GPU that results would be recorded from; RuntimeError where there is none (check before a long run)."""
+    """The GPU that results would be recorded from; RuntimeError where there is none, or where ``recorded_dir()``
+    cannot be written (check before a long run, not after it)."""
     info = device_info()
     if info.device != "cuda":
         raise RuntimeError(f"recording is for GPU results, and this machine has no CUDA GPU ({info.name}); run without --record to print the figures")
+    _check_writable(recorded_dir())
     return info
+
+
+def _check_writable(directory: Path) -> None:
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+        probe = directory / f".probe-{os.getpid()}"
+        probe.write_text("")
+        probe.unlink()
+    except OSError as error:
+        raise RuntimeError(f"cannot write recorded results into {directory} ({error.strerror or error}); "
+                           f"set {GPU_DATA_ENV} to a writable folder") from error
 
 
 def record_gpu_result(prefix: str, payload: dict, *qualifiers: object, directory: str | Path | None = None,
