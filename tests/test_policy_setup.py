@@ -16,7 +16,6 @@ from mixprec.emulate import EmulatedAutocast, held_in
 from mixprec.scaling import NoLossScaler
 from mixprec.step import forward_backward, train_step
 
-
 # --- one training setup -----------------------------------------------------------------------
 
 
