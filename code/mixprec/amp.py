@@ -224,23 +224,22 @@ class Policy:
         return "tf32" if self.tf32 else "fp32"
 
     def describe(self) -> dict[str, str]:
-        """What this policy computes in, stores and updates, in words: the same on every device."""
+        """What this policy computes in, stores and updates, in short technical terms: the same on every device."""
         low = {torch.float16: "FP16", torch.bfloat16: "BF16", torch.float32: "FP32"}
         if self.round_all is not None:
-            compute = f"every op result rounded to {self.round_all.name}, forward and backward"
+            compute = f"every op rounded to {self.round_all.name} (forward and backward)"
         elif self.fp8:
-            compute = f"linear layers FP8 ({self.fp8}); other ops BF16 autocast"
+            compute = f"FP8 linears ({self.fp8}) + BF16 autocast"
         elif self.autocast_dtype is not None:
             compute = f"{low[self.autocast_dtype]} autocast" + (" (CPU op lists)" if self.autocast == "emulate-cpu" else "")
         elif self.tf32:
-            compute = "FP32 storage, TF32 matmuls (CUDA)"
+            compute = "FP32; TF32 matmuls (CUDA)"
         elif self.weights_fp8:
-            compute = "FP32 (weights rounded to E4M3)"
+            compute = "FP32, weights rounded to E4M3"
         else:
             compute = low[self.param_dtype]
-        weights = f"FP32, values rounded to {self.round_all.name}" if self.round_all is not None else low[self.param_dtype]
-        update = {None: "AdamW", "nearest": "BF16AdamW", "stochastic": "BF16AdamW, stochastic rounding",
-                  "kahan": "BF16AdamW, Kahan compensation"}[self.update_rounding]
+        weights = f"FP32 ({self.round_all.name} values)" if self.round_all is not None else low[self.param_dtype]
+        update = {None: "AdamW", "nearest": "BF16AdamW", "stochastic": "BF16AdamW (stochastic)", "kahan": "BF16AdamW (Kahan)"}[self.update_rounding]
         return {"compute": compute, "weights": weights, "master": "FP32" if self.master_weights else "-",
                 "update": "-" if self.inference_only else update, "loss scaling": "GradScaler" if self.uses_scaler else "-"}
 
