@@ -5,7 +5,8 @@
 Prints the median time per training step for each policy and its ratio to FP32. ``fp16-amp`` and
 ``bf16-amp`` on a CPU run ``mixprec.emulate.EmulatedAutocast`` (CUDA's op lists); ``:native`` is
 the CPU's own autocast (real FP16/BF16 kernels); ``round-all:fp16`` is whole-network rounding;
-``fp8:<recipe>`` the emulated FP8 linears of each recipe (``mixprec.fp8.Float8Linear``).
+``fp8:<recipe>`` the emulated FP8 linears of each recipe (``mixprec.fp8.Float8Linear``) under the
+emulated BF16 autocast, as on every device.
 """
 
 from __future__ import annotations
@@ -40,13 +41,11 @@ def main(argv=None) -> None:
     for _ in range(args.rounds):
         for name in args.policies:
             model = story.build_model("tiny", len(tokenizer), seed=0, eos_token_id=tokenizer.eos_token_id)
-            policy, master, _ = get_policy(name).prepare(model, torch.device("cpu"))
-            optimizer = policy.optimizer(master.master if master else model.parameters(), lr=1e-3)
-            scaler = policy.scaler("cpu")
-            train_step(model, *batches[0], lm_loss, optimizer, policy, scaler, torch.device("cpu"), master=master)  # warm-up
+            setup = get_policy(name).setup(model, lr=1e-3, loss_fn=lm_loss, device="cpu")
+            train_step(setup, *batches[0])  # warm-up
             start = time.perf_counter()
             for x, y in batches:
-                train_step(model, x, y, lm_loss, optimizer, policy, scaler, torch.device("cpu"), master=master)
+                train_step(setup, x, y)
             times[name].append((time.perf_counter() - start) / args.steps)
     base = statistics.median(times["fp32"]) if "fp32" in times else None
     print(f"tiny storyteller, batch 16 x 128, torch {torch.__version__}, {torch.get_num_threads()} threads")

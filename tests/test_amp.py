@@ -1,3 +1,5 @@
+import dataclasses
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -45,9 +47,9 @@ def test_memory_model_matches_the_tensors_a_step_holds(name):
 
     model = build_model("tiny", 300)
     n = sum(p.numel() for p in model.parameters())
-    policy = get_policy(name)
-    policy, master, _ = policy.prepare(model, torch.device("cpu"))
-    optimizer = policy.optimizer(master.master if master else model.parameters(), lr=1e-3)
+    loss = lambda out, y: F.cross_entropy(out.logits.float().flatten(0, 1), y.flatten())  # noqa: E731
+    setup = get_policy(name).setup(model, lr=1e-3, loss_fn=loss, scaler=False, device="cpu")
+    master, optimizer = setup.master, setup.optimizer
     x = torch.randint(0, 300, (2, 16))
     measured = {}
 
@@ -58,9 +60,8 @@ def test_memory_model_matches_the_tensors_a_step_holds(name):
         else:
             measured["grads"] = _bytes(p.grad for p in m.parameters())
 
-    loss = lambda out, y: F.cross_entropy(out.logits.float().flatten(0, 1), y.flatten())  # noqa: E731
-    train_step(model, x, x, loss, optimizer, policy, policy.scaler("cpu", scaler=False), torch.device("cpu"),
-               master=None, after_backward=after_backward)  # master handled in the hook, so the step does not convert twice
+    # the masters are handled in the hook, so the step does not convert twice
+    train_step(dataclasses.replace(setup, master=None), x, x, after_backward=after_backward)
     if master is not None:
         master.to_working()
     measured["weights"] = _bytes(model.parameters()) + (_bytes(master.master) if master else 0)

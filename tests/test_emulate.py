@@ -7,7 +7,8 @@ import torch
 from mixprec import story
 from mixprec.amp import get_policy
 from mixprec.emulate import OP_LISTS, EmulatedAutocast, RoundAllOps, held_in
-from mixprec.scaling import NoLossScaler, StaticLossScaler, first_overflowing_scale
+from mixprec.scale_experiments import first_overflowing_scale
+from mixprec.scaling import NoLossScaler, StaticLossScaler
 from mixprec.step import train_step
 from mixprec.story.train import lm_loss
 
@@ -126,9 +127,8 @@ def test_static_2_16_trains_under_emulated_fp16_amp(tiny_batch):
     model = _tiny(tokenizer)
     policy = get_policy("fp16-amp")
     assert policy.autocast_mode(torch.device("cpu")) == "emulate-cuda"
-    optimizer = policy.optimizer(model.parameters(), lr=1e-2)
-    scaler = StaticLossScaler(2.0**16)
-    results = [train_step(model, x, y, lm_loss, optimizer, policy, scaler, torch.device("cpu")) for _ in range(12)]
+    setup = policy.setup(model, lr=1e-2, loss_fn=lm_loss, scaler=StaticLossScaler(2.0**16), device="cpu")
+    results = [train_step(setup, x, y) for _ in range(12)]
     assert not any(r.skipped for r in results) and all(r.loss_scale == 2.0**16 for r in results)
     assert results[-1].loss < 0.8 * results[0].loss
 
@@ -139,10 +139,10 @@ def test_backward_never_runs_under_autocast(tiny_batch):
     for name in ("bf16-amp:native", "fp16-amp", "fp16-amp:cpu-lists"):
         model = _tiny(tokenizer)
         policy = get_policy(name)
-        optimizer = policy.optimizer(model.parameters(), lr=1e-3)
+        setup = policy.setup(model, lr=1e-3, loss_fn=lm_loss, device="cpu")
         for p in model.parameters():
             p.register_hook(lambda g: seen.append((torch.is_autocast_enabled("cpu"), torch._C._len_torch_function_stack())) or g)
-        train_step(model, x, y, lm_loss, optimizer, policy, policy.scaler("cpu"), torch.device("cpu"))
+        train_step(setup, x, y)
     assert seen and all(state == (False, 0) for state in seen)
 
 
@@ -151,9 +151,8 @@ def test_a_disabled_scaler_is_gradscaler_enabled_false(tiny_batch):
     losses = []
     for scaler in (NoLossScaler(), torch.amp.GradScaler("cpu", enabled=False)):
         model = _tiny(tokenizer)
-        policy = get_policy("fp32")
-        optimizer = policy.optimizer(model.parameters(), lr=1e-2)
-        results = [train_step(model, x, y, lm_loss, optimizer, policy, scaler, torch.device("cpu")) for _ in range(3)]
+        setup = get_policy("fp32").setup(model, lr=1e-2, loss_fn=lm_loss, scaler=scaler, device="cpu")
+        results = [train_step(setup, x, y) for _ in range(3)]
         assert all(r.loss_scale is None and not r.skipped for r in results)
         losses.append([r.loss for r in results])
     assert losses[0] == losses[1]

@@ -852,3 +852,89 @@ def test_master_weights_with_a_frozen_parameter():
     model(torch.randn(3, 4).bfloat16()).sum().backward()  # runs: no mixed-dtype error
     master.grads_to_master()
     assert model[0].weight.grad is None
+
+
+# --- branch one-setup (issues 19, 21, 25): the training setup refuses bad options before any work ------------------
+
+
+def _tiny_story():
+    from mixprec import story
+
+    stories = story.load_stories("offline", n=300)
+    tokenizer = story.train_tokenizer(stories.train)
+    data = story.encode(stories, tokenizer)
+    return story.build_model("tiny", len(tokenizer), eos_token_id=tokenizer.eos_token_id), data
+
+
+@pytest.mark.parametrize("option, value, message", [
+    ("clip", 0.0, "clip must be None (no clipping) or a finite number > 0, got 0.0"),
+    ("clip", -1.0, "clip must be None (no clipping) or a finite number > 0, got -1.0"),
+    ("clip", math.nan, "clip must be None"),
+    ("clip", math.inf, "clip must be None"),
+    ("clip", "1", "clip must be None"),
+    ("lr", math.nan, "lr must be a finite number >= 0, got nan"),
+    ("lr", math.inf, "lr must be a finite number >= 0"),
+    ("lr", -1e-3, "lr must be a finite number >= 0"),
+    ("weight_decay", math.nan, "weight_decay must be a finite number >= 0"),
+    ("weight_decay", -0.1, "weight_decay must be a finite number >= 0"),
+])
+def test_training_refuses_bad_optimizer_settings_before_any_work(option, value, message):
+    """Issue 21: clip is None or a finite number > 0; learning rate and optimizer settings are finite; one line, before any work."""
+    import re
+
+    from mixprec.story import train
+
+    model, data = _tiny_story()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(ValueError, match=re.escape(message)) as error:
+        train(model, data, precision="bf16-pure", steps=2, batch_size=2, block_size=16, progress=False, **{option: value})
+    assert "\n" not in str(error.value)
+    assert all(p.dtype == torch.float32 for p in model.parameters())  # bf16-pure did not convert the model
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+@pytest.mark.parametrize("betas", [(1.0, 0.9), (0.9, math.nan), (0.9,), "0.9"])
+def test_policy_setup_refuses_bad_betas(betas):
+    from mixprec.amp import get_policy
+
+    model = torch.nn.Linear(2, 2)
+    with pytest.raises(ValueError, match=r"betas must be two finite numbers in \[0, 1\)"):
+        get_policy("fp16-master").setup(model, lr=1e-3, betas=betas)
+    assert model.weight.dtype == torch.float32
+
+
+def test_policy_setup_refuses_a_scaler_without_the_gradscaler_interface():
+    from mixprec.amp import get_policy
+
+    with pytest.raises(TypeError, match="scaler must be None, False or have GradScaler's methods"):
+        get_policy("fp16-amp").setup(torch.nn.Linear(2, 2), lr=1e-3, scaler=2.0**16)
+
+
+def test_clip_none_means_no_clipping():
+    """Issue 21: clip=None is documented as "no clipping": the update uses the whole gradient."""
+    from mixprec.amp import get_policy
+    from mixprec.step import train_step
+
+    results = {}
+    for clip in (None, 1e-3):
+        model = torch.nn.Linear(4, 1)
+        torch.nn.init.constant_(model.weight, 1.0)
+        setup = get_policy("fp32").setup(model, lr=0.1, clip=clip, loss_fn=lambda out, _: 100 * out.sum())
+        results[clip] = (train_step(setup, torch.ones(8, 4), None), model.weight.detach().clone())
+    (free, w_free), (clipped, w_clipped) = results[None], results[1e-3]
+    assert free.grad_norm == clipped.grad_norm > 1e-3  # the norm is measured before clipping either way
+    assert not torch.equal(w_free, w_clipped)
+
+
+def test_first_overflowing_scale_runs_on_the_models_device():
+    """Issue 25: no device="cpu" default; the batch goes to the model's device."""
+    import inspect
+
+    from mixprec.scale_experiments import first_overflowing_scale
+    from mixprec.step import forward_backward
+
+    assert inspect.signature(first_overflowing_scale).parameters["device"].default is None
+    assert inspect.signature(forward_backward).parameters["device"].default is None
+    model = torch.nn.Linear(3, 1)
+    assert first_overflowing_scale(model, torch.ones(2, 3, dtype=torch.float32), None, lambda out, _: out.sum(), "fp32",
+                                   exponents=[0, 200]) == 200

@@ -4,7 +4,8 @@ import math
 import pytest
 import torch
 from mixprec.formats import zone_fractions
-from mixprec.scaling import DynamicLossScaler, StaticLossScaler, scaler_trajectory
+from mixprec.scale_experiments import scaler_trajectory
+from mixprec.scaling import DynamicLossScaler, StaticLossScaler
 
 
 def test_dynamic_scaler_matches_gradscaler_bit_for_bit():

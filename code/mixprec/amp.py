@@ -11,26 +11,38 @@ A policy is data (``Policy``); ``get_policy(name)`` parses a name:
                            how updates are written back (``mixprec.optim.BF16AdamW``)
 ``fp16-master``            mixed precision by hand: the model in FP16, an FP32 master copy that the
 ``bf16-master``            optimizer updates (``MasterWeights``); GradScaler for FP16
-``fp8:<recipe>``           linear layers in FP8 with a ``mixprec.fp8`` recipe (``tensorwise``, ``rowwise``,
-                           ``rowwise_with_gw_hp``, ``blockwise``, ``mxfp8``; plain ``fp8`` is tensorwise):
-                           torchao with BF16 autocast on FP8 GPUs where torchao has the recipe; the
-                           emulated ``mixprec.fp8.Float8Linear`` with FP32 elsewhere
+``fp8:<recipe>``           BF16 autocast plus FP8 linear layers with a ``mixprec.fp8`` recipe (``tensorwise``,
+                           ``rowwise``, ``rowwise_with_gw_hp``, ``blockwise``, ``mxfp8``; plain ``fp8`` is
+                           tensorwise), on every device: torchao's linears under native autocast on FP8 GPUs
+                           where torchao has the recipe; the emulated ``mixprec.fp8.Float8Linear`` elsewhere
+                           (under emulated BF16 autocast on a CPU, as ``bf16-amp``)
 ``round-all:<format>``     NOT mixed precision: every op result, forward and backward, the loss and the
                            loss-scale multiply included, rounded to any ``mixprec.formats`` format
                            ("what if everything were FP16"); FP32 master weights, rounded working copy
+``fp16``, ``bf16``          inference only: a copy of the model with every weight converted (pure low precision)
+``fp8-weight``             inference only: a copy whose weight matrices are rounded to E4M3, one scale per
+                           tensor (weight-only FP8, emulated; activations stay FP32)
 =========================  ======================================================================
 
-AMP means the same thing on every device. On a GPU, ``fp16-amp`` and ``bf16-amp`` run
+A policy name means the same arithmetic on every device; only the kernels differ, and the notes of
+``Policy.setup`` say which ran. AMP means the same thing on every device. On a GPU, ``fp16-amp`` and ``bf16-amp`` run
 ``torch.amp.autocast``. Where the hardware has no fast FP16/BF16 (a CPU), they run
 ``mixprec.emulate.EmulatedAutocast`` with CUDA's op lists: the numerics a reader's GPU would
 produce, at FP32 speed. The suffixes ``:native`` (this device's own autocast, e.g. CPU FP16
 autocast, slow) and ``:cpu-lists`` (the emulation with CPU autocast's op lists) choose otherwise.
+
+``Policy.setup(model, lr=...)`` builds everything a training step needs into one ``TrainingSetup``
+(the working model, FP32 master weights, optimizer, loss scaler, learning-rate schedule, device,
+notes); ``mixprec.step.train_step(setup, inputs, targets)`` runs one step of it.
 """
 
 from __future__ import annotations
 
 import contextlib
-from dataclasses import dataclass
+import copy
+import math
+from collections.abc import Callable
+from dataclasses import dataclass, field
 
 import torch
 from torch.overrides import TorchFunctionMode
@@ -38,13 +50,16 @@ from torch.utils._pytree import tree_leaves, tree_map
 
 from .emulate import EmulatedAutocast, RoundAllOps, held_in
 from .formats import FloatFormat, get_format, round_to_format
-from .fp8 import RECIPES
+from .fp8 import RECIPES, convert_to_fp8, quantize_tensorwise
+from .optim import BF16AdamW
+from .scaling import NoLossScaler
 
 BASE_POLICIES = ("fp32", "tf32", "fp16-amp", "bf16-amp", "bf16-pure", "bf16-pure:stochastic", "bf16-pure:kahan", "fp16-master",
                  "bf16-master", "fp8")
 FP8_POLICIES = tuple(f"fp8:{recipe}" for recipe in RECIPES)
 AUTOCAST_VARIANTS = ("fp16-amp:native", "fp16-amp:cpu-lists", "bf16-amp:native", "bf16-amp:cpu-lists")
-POLICY_NAMES = BASE_POLICIES + FP8_POLICIES + AUTOCAST_VARIANTS + ("round-all:<format>",)
+INFERENCE_POLICIES = ("fp16", "bf16", "fp8-weight")  # inference only: training refuses them
+POLICY_NAMES = BASE_POLICIES + FP8_POLICIES + AUTOCAST_VARIANTS + INFERENCE_POLICIES + ("round-all:<format>",)
 
 
 @dataclass(frozen=True)
@@ -66,6 +81,8 @@ class Policy:
     update_rounding: str | None = None  # bf16-pure: "nearest", "stochastic" or "kahan"
     master_weights: bool = False  # FP32 master copy owned by the optimizer; the model holds the working copy
     uses_scaler: bool = False  # a GradScaler by default
+    weights_fp8: bool = False  # inference: weight matrices rounded to E4M3, one scale per tensor
+    inference_only: bool = False  # fp16, bf16, fp8-weight: a way to run a trained model, not to train one
 
     def __post_init__(self):
         if self.autocast not in ("auto", "native", "emulate-cuda", "emulate-cpu"):
@@ -111,36 +128,62 @@ class Policy:
             yield
 
     # --- what the trainer asks the policy -----------------------------------------------------
-    def prepare(self, model: torch.nn.Module, device: torch.device) -> tuple[Policy, MasterWeights | None, list[str]]:
-        """Convert ``model`` in place for this policy; returns the policy that really runs, the master
-        weights (or None) and notes on what was done (e.g. which FP8 path)."""
-        notes, policy = [], self
+    def setup(self, model: torch.nn.Module, *, lr: float, loss_fn: Callable | None = None, weight_decay: float = 0.0,
+              betas: tuple[float, float] = (0.9, 0.95), schedule: Callable[[int], float] | None = None, scaler=None,
+              clip: float | None = 1.0, device: torch.device | str | None = None, seed: int = 0, compile: bool = False) -> TrainingSetup:
+        """Everything one training step needs under this policy, in one object (see ``TrainingSetup``).
+
+        ``model`` is converted in place (moved to ``device``, weights to the policy's dtype, FP8 linear
+        layers swapped in): pass a copy if you need the original. ``loss_fn(output, targets)`` (default:
+        ``output`` itself is the loss). ``schedule``: a learning-rate multiplier per update (``LambdaLR``),
+        or None for a constant rate. ``scaler``: a loss scaler with ``torch.amp.GradScaler``'s interface;
+        None for the policy's default (a GradScaler where the policy needs one), False for none.
+        ``clip``: the gradient-norm threshold, or None for no clipping. ``device``: default the model's.
+        Every option is checked before anything is done to the model.
+        """
+        self.check_trainable()
+        check_optimizer_options(lr=lr, weight_decay=weight_decay, betas=betas, clip=clip)
+        if scaler is not None and scaler is not False and not all(callable(getattr(scaler, m, None)) for m in _SCALER_METHODS):
+            raise TypeError(f"scaler must be None, False or have GradScaler's methods ({', '.join(_SCALER_METHODS)}), "
+                            f"got {type(scaler).__name__}")
+        if schedule is not None and not callable(schedule):
+            raise TypeError(f"schedule must be None or a function update -> learning-rate multiplier, got {type(schedule).__name__}")
+        if device is None:
+            device = next((p.device for p in model.parameters()), torch.device("cpu"))
+        device = torch.device(device)
+        model.to(device)
+        notes = []
         if self.fp8:
-            from dataclasses import replace
-
-            from .fp8 import convert_to_fp8
-
-            how = convert_to_fp8(model, device, self.fp8)
-            notes.append(f"fp8 linears: {how}")
-            if how.startswith("native"):
-                policy = replace(self, autocast_dtype=torch.bfloat16, autocast="native")
+            notes.append(f"fp8 linears: {convert_to_fp8(model, device, self.fp8)}")
+        mode = self.autocast_mode(device)
+        if mode is not None:
+            kernels = "native torch.amp.autocast" if mode == "native" else f"emulated with {mode.removeprefix('emulate-')} op lists, FP32 storage"
+            notes.append(f"autocast {str(self.autocast_dtype).removeprefix('torch.')}: {kernels}")
         if self.tf32 and device.type != "cuda":
             notes.append("tf32 has no effect on a CPU: this run is plain fp32")
-        mode = self.autocast_mode(device)
-        if mode and mode.startswith("emulate"):
-            notes.append(f"autocast emulated ({mode.removeprefix('emulate-')} op lists): FP32 storage, {self.autocast_dtype} values")
         master = None
         if self.master_weights:
             master = MasterWeights(model, self.round_all or self.param_dtype)
         elif self.param_dtype != torch.float32:
             model.to(self.param_dtype)
-        return policy, master, notes
+        optimizer = self.optimizer(master.master if master else model.parameters(), lr=lr, weight_decay=weight_decay, betas=betas,
+                                   seed=seed)
+        return TrainingSetup(
+            policy=self, model=model, forward=torch.compile(model) if compile else model, loss_fn=loss_fn or (lambda output, _: output),
+            optimizer=optimizer, scaler=self.scaler(device, scaler), master=master, clip=clip, device=device, notes=notes,
+            schedule=torch.optim.lr_scheduler.LambdaLR(optimizer, schedule) if schedule is not None else None)
+
+    def check_trainable(self) -> None:
+        """Refuse to train under an inference-only policy (``fp16``, ``bf16``, ``fp8-weight``), naming the training ones."""
+        if self.inference_only:
+            instead = {torch.bfloat16: "bf16-pure, bf16-master or bf16-amp", torch.float16: "fp16-master or fp16-amp"}.get(self.param_dtype, "fp8")
+            raise ValueError(f"{self.name!r} is an inference policy (a converted copy of a trained model); to train use {instead} "
+                             f"(training policies: {', '.join(n for n in POLICY_NAMES if n not in INFERENCE_POLICIES)})")
 
     def optimizer(self, params, lr: float, weight_decay: float = 0.0, betas=(0.9, 0.95), seed: int = 0) -> torch.optim.Optimizer:
         """AdamW over ``params`` (the masters, with master weights), writing updates the way the policy says."""
+        check_optimizer_options(lr=lr, weight_decay=weight_decay, betas=betas)
         if self.update_rounding is not None:
-            from .optim import BF16AdamW
-
             return BF16AdamW(params, lr=lr, betas=betas, weight_decay=weight_decay, rounding=self.update_rounding, seed=seed)
         return torch.optim.AdamW(params, lr=lr, betas=betas, weight_decay=weight_decay)
 
@@ -149,13 +192,56 @@ class Policy:
 
         "None" is a disabled scaler with the same interface, as ``GradScaler(enabled=False)``.
         """
-        from .scaling import NoLossScaler
-
         if scaler is False or (scaler is None and not self.uses_scaler):
             return NoLossScaler()
         if scaler is None:
             return torch.amp.GradScaler(torch.device(device).type)
         return scaler
+
+    def inference_model(self, model: torch.nn.Module) -> torch.nn.Module:
+        """``model`` ready to run under ``compute``: itself, or a converted copy (the caller's model is never changed)."""
+        if self.param_dtype == torch.float32 and not self.fp8 and not self.weights_fp8:
+            return model
+        model = copy.deepcopy(model)
+        if self.fp8:
+            convert_to_fp8(model, next(model.parameters()).device, self.fp8)
+        if self.weights_fp8:
+            with torch.no_grad():
+                for p in model.parameters():
+                    if p.dim() == 2:
+                        p.copy_(quantize_tensorwise(p).dequantize())
+        return model.to(self.param_dtype) if self.param_dtype != torch.float32 else model
+
+    def peak_dtype(self) -> str:
+        """Which datasheet peak (``mixprec.hw.peak_tflops``) the matmuls of this policy run at, for MFU."""
+        if self.fp8:
+            return "fp8"
+        if self.round_all is not None or self.weights_fp8:
+            return "fp32"  # emulations: the matmuls really run in FP32
+        dtype = self.autocast_dtype or self.param_dtype
+        if dtype != torch.float32:
+            return "fp16" if dtype == torch.float16 else "bf16"
+        return "tf32" if self.tf32 else "fp32"
+
+    def describe(self) -> dict[str, str]:
+        """What this policy computes in, stores and updates, in short technical terms: the same on every device."""
+        low = {torch.float16: "FP16", torch.bfloat16: "BF16", torch.float32: "FP32"}
+        if self.round_all is not None:
+            compute = f"every op rounded to {self.round_all.name} (forward and backward)"
+        elif self.fp8:
+            compute = f"FP8 linears ({self.fp8}) + BF16 autocast"
+        elif self.autocast_dtype is not None:
+            compute = f"{low[self.autocast_dtype]} autocast" + (" (CPU op lists)" if self.autocast == "emulate-cpu" else "")
+        elif self.tf32:
+            compute = "FP32; TF32 matmuls (CUDA)"
+        elif self.weights_fp8:
+            compute = "FP32, weights rounded to E4M3"
+        else:
+            compute = low[self.param_dtype]
+        weights = f"FP32 ({self.round_all.name} values)" if self.round_all is not None else low[self.param_dtype]
+        update = {None: "AdamW", "nearest": "BF16AdamW", "stochastic": "BF16AdamW (stochastic)", "kahan": "BF16AdamW (Kahan)"}[self.update_rounding]
+        return {"compute": compute, "weights": weights, "master": "FP32" if self.master_weights else "-",
+                "update": "-" if self.inference_only else update, "loss scaling": "GradScaler" if self.uses_scaler else "-"}
 
     def bytes_per_parameter(self) -> dict[str, float]:
         """Bytes per parameter that live through a step with AdamW: weights (every copy), gradients,
@@ -164,6 +250,8 @@ class Policy:
             low = (1 + self.round_all.exponent_bits + self.round_all.mantissa_bits) / 8
             return {"weights": 4 + low, "grads": 4, "optimizer": 8, "autocast_cache": 0}
         low = torch.finfo(self.param_dtype).bits / 8
+        if self.inference_only:  # no gradients, no optimizer; fp8-weight's E4M3 values, were they stored natively
+            return {"weights": 1 if self.weights_fp8 else low, "grads": 0, "optimizer": 0, "autocast_cache": 0}
         if self.master_weights:
             # grads_to_master converts one gradient at a time and frees the low-precision one: the
             # peak is the FP32 gradients plus one tensor, not both full sets
@@ -177,6 +265,41 @@ class Policy:
             # per 32 values (mxfp8), one FP32 per 128×128 block; per tensor or per row (4/K bytes) is negligible
             cache = 1 + {"mxfp8": 1 / 32, "blockwise": 4 / 128**2}.get(self.fp8, 0)
         return {"weights": 4, "grads": 4, "optimizer": 8, "autocast_cache": cache}
+
+
+_SCALER_METHODS = ("scale", "unscale_", "step", "update", "get_scale")
+
+
+def check_optimizer_options(*, lr: float, weight_decay: float = 0.0, betas=(0.9, 0.95), clip: float | None = None) -> None:
+    """Refuse, in one line, a learning rate, weight decay, betas or clipping threshold that training cannot use."""
+    def real(value) -> bool:
+        return not isinstance(value, bool) and isinstance(value, (int, float)) and math.isfinite(value)
+
+    if not real(lr) or lr < 0:
+        raise ValueError(f"lr must be a finite number >= 0, got {lr!r}")
+    if not real(weight_decay) or weight_decay < 0:
+        raise ValueError(f"weight_decay must be a finite number >= 0, got {weight_decay!r}")
+    if not isinstance(betas, (tuple, list)) or len(betas) != 2 or not all(real(b) and 0 <= b < 1 for b in betas):
+        raise ValueError(f"betas must be two finite numbers in [0, 1), got {betas!r}")
+    if clip is not None and (not real(clip) or clip <= 0):
+        raise ValueError(f"clip must be None (no clipping) or a finite number > 0, got {clip!r}")
+
+
+@dataclass
+class TrainingSetup:
+    """Everything one training step needs, built by ``Policy.setup``; ``mixprec.step.train_step(setup, x, y)`` runs a step."""
+
+    policy: Policy
+    model: torch.nn.Module  # the working copy: the caller's model, converted in place for the policy
+    forward: torch.nn.Module  # what the forward pass calls: the model, or torch.compile(model)
+    loss_fn: Callable  # loss_fn(output, targets), computed outside autocast
+    optimizer: torch.optim.Optimizer  # over the master weights where the policy has them
+    scaler: object  # GradScaler's interface; NoLossScaler when the policy scales nothing
+    master: MasterWeights | None  # FP32 masters of a *-master or round-all policy
+    clip: float | None  # gradient-norm threshold (None: no clipping)
+    device: torch.device
+    schedule: torch.optim.lr_scheduler.LRScheduler | None = None  # advances only when the optimizer really stepped
+    notes: list[str] = field(default_factory=list)  # which kernels really run here (native or emulated), never a different arithmetic
 
 
 @contextlib.contextmanager
@@ -198,7 +321,7 @@ def get_policy(name: str | Policy) -> Policy:
     if isinstance(name, Policy):
         return name
     if not isinstance(name, str):
-        raise TypeError(f"precision must be a policy name, got {type(name).__name__}")
+        raise TypeError(f"precision must be a policy name (e.g. 'bf16-amp'), got {type(name).__name__}")
     if name.startswith("round-all:"):
         try:
             fmt = get_format(name.removeprefix("round-all:"))
@@ -214,8 +337,12 @@ def get_policy(name: str | Policy) -> Policy:
         "bf16-pure:kahan": Policy("bf16-pure:kahan", param_dtype=torch.bfloat16, update_rounding="kahan"),
         "fp16-master": Policy("fp16-master", param_dtype=torch.float16, master_weights=True, uses_scaler=True),
         "bf16-master": Policy("bf16-master", param_dtype=torch.bfloat16, master_weights=True),
-        "fp8": Policy("fp8", fp8="tensorwise"),
-        **{name: Policy(name, fp8=name.removeprefix("fp8:")) for name in FP8_POLICIES},
+        # FP8 linear layers inside BF16 autocast, as torchao's FP8 training runs, on every device
+        "fp8": Policy("fp8", fp8="tensorwise", autocast_dtype=torch.bfloat16),
+        **{name: Policy(name, fp8=name.removeprefix("fp8:"), autocast_dtype=torch.bfloat16) for name in FP8_POLICIES},
+        "fp16": Policy("fp16", param_dtype=torch.float16, inference_only=True),
+        "bf16": Policy("bf16", param_dtype=torch.bfloat16, inference_only=True),
+        "fp8-weight": Policy("fp8-weight", weights_fp8=True, inference_only=True),
     }
     for prefix, dtype in (("fp16", torch.float16), ("bf16", torch.bfloat16)):
         for suffix, autocast in (("", "auto"), (":native", "native"), (":cpu-lists", "emulate-cpu")):
@@ -352,25 +479,25 @@ MEMORY_POLICIES = BASE_POLICIES + FP8_POLICIES[1:] + ("round-all:fp16", "round-a
 BYTES_PER_PARAMETER: dict[str, dict[str, float]] = {name: get_policy(name).bytes_per_parameter() for name in MEMORY_POLICIES}
 
 
-def memory_breakdown(n_params: int, policy: str | Policy) -> dict[str, float]:
+def memory_breakdown(n_params: int, precision: str | Policy) -> dict[str, float]:
     """Bytes for weights, gradients, optimizer state and autocast's weight cache, for ``n_params`` parameters."""
     if isinstance(n_params, bool) or not isinstance(n_params, int) or n_params < 0:
         raise ValueError(f"n_params must be an integer >= 0, got {n_params!r}")
     try:
-        per_parameter = get_policy(policy).bytes_per_parameter()
+        per_parameter = get_policy(precision).bytes_per_parameter()
     except ValueError as error:
-        raise ValueError(f"no memory model for {policy!r}: {error}") from None
+        raise ValueError(f"no memory model for {precision!r}: {error}") from None
     return {k: v * n_params for k, v in per_parameter.items()}
 
 
-def saved_activation_bytes(model: torch.nn.Module, input_ids: torch.Tensor, policy: str | Policy = "fp32") -> int:
-    """Bytes of the tensors autograd saves for the backward pass in one forward pass under ``policy``.
+def saved_activation_bytes(model: torch.nn.Module, input_ids: torch.Tensor, precision: str | Policy = "fp32") -> int:
+    """Bytes of the tensors autograd saves for the backward pass in one forward pass under ``precision`` (a policy).
 
     These saved activations are what the backward needs and what batch size multiplies. Measured
     with ``torch.autograd.graph.saved_tensors_hooks``, so it works on any device; tensors saved
     twice (the same storage) are counted once, and parameters are not counted.
     """
-    policy = get_policy(policy)
+    policy = get_policy(precision)
     device = next(model.parameters()).device
     params = {p.untyped_storage().data_ptr() for p in model.parameters()}
     seen: dict[int, int] = {}

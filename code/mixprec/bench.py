@@ -22,10 +22,9 @@ from pathlib import Path
 import torch
 
 from . import hw
-from .amp import POLICY_NAMES, get_policy
+from .amp import INFERENCE_POLICIES, POLICY_NAMES, get_policy
 from .fp8 import fp8_engine
 from .story import SIZES, build_model, encode, for_inference, generate, grammar_score, load_stories, storyteller, train, train_tokenizer
-from .story.generate import INFERENCE_PRECISIONS
 
 PROMPT = "Once upon a time"
 MIN_STORIES = 20  # fewer leave no validation split worth the name
@@ -57,14 +56,12 @@ def _writable_target(out: Path) -> None:
 
 def validate(args) -> None:
     """Every argument, checked before any work (a long run must not fail at its end on a typo)."""
-    from .amp import get_policy
-
     if args.out is not None:
         _writable_target(args.out)
     n_positions = SIZES[args.size].n_positions
     if args.command == "train":
         try:
-            get_policy(args.precision)
+            get_policy(args.precision).check_trainable()
         except ValueError as error:
             raise UsageError(f"--precision: {error}") from None
         checks = [(args.steps >= 1, f"--steps must be >= 1, got {args.steps}"),
@@ -74,8 +71,7 @@ def validate(args) -> None:
                   (args.stories >= MIN_STORIES, f"--stories must be >= {MIN_STORIES}, got {args.stories}")]
     else:
         try:
-            if args.precision != "fp8-weight":  # the one precision that quantizes; its name is all we need
-                for_inference(torch.nn.Linear(1, 1), args.precision)
+            get_policy(args.precision)  # every policy runs a trained model (for_inference)
         except (ValueError, TypeError) as error:
             raise UsageError(f"--precision: {error}") from None
         checks = [(args.repeat >= 1, f"--repeat must be >= 1, got {args.repeat}"),
@@ -139,7 +135,7 @@ def main(argv: list[str] | None = None) -> dict:
     for name in ("train", "generate"):
         p = sub.add_parser(name)
         p.add_argument("--precision", default="fp32",
-                       help=f"one of {', '.join(POLICY_NAMES if name == 'train' else INFERENCE_PRECISIONS)}")
+                       help=f"a precision policy, one of {', '.join(n for n in POLICY_NAMES if name == 'generate' or n not in INFERENCE_POLICIES)}")
         p.add_argument("--size", default="tiny", choices=sorted(SIZES))
         p.add_argument("--out", type=Path, help="write the JSON result here (default: print it only)")
         p.add_argument("--quiet", action="store_true", help="no progress bar")

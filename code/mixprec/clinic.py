@@ -4,20 +4,23 @@ All cases share one model, ``ClinicModel``: a one-layer attention classifier tha
 sequence of tokens and names its largest token. It is written the way such models are written by
 hand, and each case switches on one classic mistake:
 
-==================  ============================================================  ============
-case                the mistake                                                    precision
-==================  ============================================================  ============
-``naive_softmax``   softmax as exp(s) / Σ exp(s), without subtracting the max     fp16 model
-``layernorm_eps``   a hand-written LayerNorm with eps = 1e-12, computed in FP16   fp16 model
-``fp16_loss``       the loss as -log(softmax(logits)) in FP16                     fp16 model
-``additive_mask``   padding masked by adding (1 - mask) · (-1e9) in FP16          fp16 model
-``exploding_lr``    a learning rate 1000x too high; GradScaler skips every step   fp16-amp
-``custom_op``       a custom autograd.Function that autocast leaves in FP16       fp16-amp
-==================  ============================================================  ============
+==================  ============================================================  ===================
+case                the mistake                                                    precision (policy)
+==================  ============================================================  ===================
+``naive_softmax``   softmax as exp(s) / Σ exp(s), without subtracting the max     ``fp16-master``
+``layernorm_eps``   a hand-written LayerNorm with eps = 1e-12, computed in FP16   ``fp16-master``
+``fp16_loss``       the loss as -log(softmax(logits)) in FP16                     ``fp16-master``
+``additive_mask``   padding masked by adding (1 - mask) · (-1e9) in FP16          ``fp16-master``
+``exploding_lr``    a learning rate 1000x too high; GradScaler skips every step   ``fp16-amp:native``
+``custom_op``       a custom autograd.Function that autocast leaves in FP16       ``fp16-amp:native``
+==================  ============================================================  ===================
 
-"fp16 model" is the classic recipe of Micikevicius et al. (2018), also DeepSpeed's fp16 mode: the
-model's weights and activations in FP16, FP32 master weights in the optimizer, dynamic loss
-scaling. "fp16-amp" is ``torch.amp.autocast`` with FP32 weights and ``torch.amp.GradScaler``.
+Each case's precision is a policy of ``mixprec.amp``. ``fp16-master`` is the classic "FP16 model"
+recipe of Micikevicius et al. (2018), also DeepSpeed's fp16 mode: the model's weights and
+activations in FP16, FP32 master weights in the optimizer, dynamic loss scaling.
+``fp16-amp:native`` is this device's own ``torch.amp.autocast`` with FP32 weights and
+``torch.amp.GradScaler``: native, because ``torch.amp.custom_fwd`` (the custom-op fix) reacts to
+real autocast only.
 ``run_case(name, fixed=False)`` trains the broken model, ``run_case(name, fixed=True)`` the fixed
 one, and both report whether the model learned the task.
 """
@@ -43,7 +46,7 @@ MAX_LEN = 12
 class Case:
     name: str
     title: str  # in Chinese, for the chapter
-    precision: str  # "fp16-model" or "fp16-amp"
+    precision: str  # the policy it trains under (mixprec.amp): "fp16-master" or "fp16-amp:native"
     lr: float = 3e-3
     fixed_lr: float | None = None  # exploding_lr: the fix is the learning rate itself
 
@@ -51,18 +54,18 @@ class Case:
 CASES: dict[str, Case] = {
     c.name: c
     for c in (
-        Case("naive_softmax", "softmax 没有减去最大值", "fp16-model"),
-        Case("layernorm_eps", "LayerNorm 的 eps = 1e-12", "fp16-model"),
-        Case("fp16_loss", "在 FP16 中计算损失", "fp16-model"),
-        Case("additive_mask", "加性 −1e9 掩码", "fp16-model"),
-        Case("exploding_lr", "学习率过大，GradScaler 一直跳步", "fp16-amp", lr=3.0, fixed_lr=3e-3),
-        Case("custom_op", "autocast 管不到的自定义算子", "fp16-amp"),
+        Case("naive_softmax", "softmax 没有减去最大值", "fp16-master"),
+        Case("layernorm_eps", "LayerNorm 的 eps = 1e-12", "fp16-master"),
+        Case("fp16_loss", "在 FP16 中计算损失", "fp16-master"),
+        Case("additive_mask", "加性 −1e9 掩码", "fp16-master"),
+        Case("exploding_lr", "学习率过大，GradScaler 一直跳步", "fp16-amp:native", lr=3.0, fixed_lr=3e-3),
+        Case("custom_op", "autocast 管不到的自定义算子", "fp16-amp:native"),
     )
 }
 
 
 # The exercise: a model the chapter does not show. Its mistake is for the reader to find.
-MYSTERY = Case("mystery", "练习：找出这个模型的毛病", "fp16-model")
+MYSTERY = Case("mystery", "练习：找出这个模型的毛病", "fp16-master")
 MYSTERY_OFFSET = 30.0  # its token features are all positive, around 30 (like raw counts or intensities)
 
 
@@ -291,8 +294,7 @@ def run_case(case: str, fixed: bool, steps: int = 300, batch_size: int = 64, see
              trace: bool = True, progress: bool = False, norm_fn=None, trace_steps: int | None = None) -> CaseRun:
     """Train the case's model (broken, or with its fix) with ``mixprec.step.train_step`` and report what happened.
 
-    "fp16 model" cases run the ``fp16-master`` policy; autocast cases run ``fp16-amp:native``, this
-    device's own autocast, because ``torch.amp.custom_fwd`` (the custom-op fix) reacts to real autocast.
+    Each case trains under its policy (``Case.precision``, see the module docstring).
     trace: before each step, until one is found, run its forward and backward once more without
         loss scaling under ``debug.trace_nonfinite``: the first inf or NaN anywhere, even one that
         later ops hide, goes into ``first_failure``.
@@ -309,12 +311,11 @@ def run_case(case: str, fixed: bool, steps: int = 300, batch_size: int = 64, see
     else:
         model = ClinicModel(None if fixed else case, seed=seed).to(device)
     lr = spec.fixed_lr if fixed and spec.fixed_lr else spec.lr
-    policy = get_policy("fp16-master" if spec.precision == "fp16-model" else "fp16-amp:native")
-    policy, master, _ = policy.prepare(model, device)
-    optimizer = policy.optimizer(master.master if master else model.parameters(), lr=lr, betas=(0.9, 0.999))
-    scaler = policy.scaler(device)
+    setup = get_policy(spec.precision).setup(model, lr=lr, betas=(0.9, 0.999), loss_fn=model.loss, clip=1.0, device=device)
+    policy = setup.policy
     generator = torch.Generator().manual_seed(seed)
-    run = CaseRun(policy.name, device=device.type, parameters=sum(p.numel() for p in model.parameters()), case=case, fixed=fixed)
+    run = CaseRun(policy.name, device=device.type, parameters=sum(p.numel() for p in model.parameters()), case=case, fixed=fixed,
+                  notes=list(setup.notes))
 
     bar = None
     if progress:
@@ -328,7 +329,7 @@ def run_case(case: str, fixed: bool, steps: int = 300, batch_size: int = 64, see
             run.first_failure = trace_nonfinite(model, lambda x=x, y=y: forward_backward(model, x, y, model.loss, policy, device))
             run.failure_step = step if run.first_failure is not None else None
             model.zero_grad(set_to_none=True)
-        run.append(train_step(model, x, y, model.loss, optimizer, policy, scaler, device, clip=1.0, master=master))
+        run.append(train_step(setup, x, y))
         if bar is not None:
             bar.update(1)
     if bar is not None:

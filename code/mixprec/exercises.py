@@ -214,7 +214,8 @@ def check_loss_scaler(make_scaler: Callable[..., object]) -> CheckResult:
     small model through 400 steps with planted inf and NaN gradients; scales, skipped steps and the
     final weights must agree.
     """
-    from .scaling import DynamicLossScaler, scaler_trajectory
+    from .scale_experiments import scaler_trajectory
+    from .scaling import DynamicLossScaler
 
     options = dict(init_scale=2.0**8, growth_factor=2.0, backoff_factor=0.5, growth_interval=20)
     poison = {s: (math.nan if s % 2 else math.inf) for s in (7, 8, 60, 61, 62, 150, 333)}
@@ -241,15 +242,15 @@ def check_loss_scaler(make_scaler: Callable[..., object]) -> CheckResult:
 # --- exercise: count the bytes of mixed-precision training -----------------------------------------
 
 
-def check_memory(policy: str, n_params: int, *, weights: float, grads: float, optimizer: float) -> CheckResult:
-    """Check bytes of weights, gradients and AdamW state for ``n_params`` parameters under ``policy``."""
+def check_memory(precision: str, n_params: int, *, weights: float, grads: float, optimizer: float) -> CheckResult:
+    """Check bytes of weights, gradients and AdamW state for ``n_params`` parameters under ``precision``."""
     from .amp import BYTES_PER_PARAMETER, memory_breakdown
 
-    if not isinstance(policy, str) or policy not in BYTES_PER_PARAMETER:
-        return CheckResult(False, [f"没有 {_short(policy)} 的内存模型；可选：{', '.join(BYTES_PER_PARAMETER)}"])
+    if not isinstance(precision, str) or precision not in BYTES_PER_PARAMETER:
+        return CheckResult(False, [f"没有 {_short(precision)} 的内存模型；可选：{', '.join(BYTES_PER_PARAMETER)}"])
     if isinstance(n_params, bool) or not isinstance(n_params, int) or n_params < 0:
         return CheckResult(False, [f"n_params 应是非负整数，收到的是 {_short(n_params)}"])
-    truth = memory_breakdown(n_params, policy)
+    truth = memory_breakdown(n_params, precision)
     names = {"weights": "权重", "grads": "梯度", "optimizer": "优化器状态"}
     msgs, ok = [], True
     for key, value in {"weights": weights, "grads": grads, "optimizer": optimizer}.items():

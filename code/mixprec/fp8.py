@@ -18,12 +18,14 @@ in FP32 unless ``accumulator`` asks for the narrower accumulator of FP8 tensor c
 
 from __future__ import annotations
 
+import contextlib
 import warnings
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 
+from .emulate import EmulatedAutocast
 from .formats import E4M3, FloatFormat, custom_format, get_format, round_to_format
 from .hw import device_info
 
@@ -318,27 +320,59 @@ class Float8LinearConfig:
 
 class _Float8Matmul(torch.autograd.Function):
     """input (M, K) @ weight (N, K).T with each operand cast by its config; the backward casts again
-    along each product's own reduction dimension, from the high-precision tensors, as torchao does."""
+    along each product's own reduction dimension, from the high-precision tensors, as torchao does.
+
+    One FP8 kernel: inside it autocast (real or emulated) changes nothing; products accumulate in FP32
+    and each result comes out in the dtype of its high-precision operand (input or output gradient),
+    as torchao's scaled matmuls do.
+    """
 
     @staticmethod
     def forward(ctx, x, weight, config: Float8LinearConfig):
         ctx.save_for_backward(x, weight)
         ctx.config = config
         c = config
-        return matmul(c.cast_config_input.cast(x, 1), c.cast_config_weight.cast(weight, 1).t(), c.accumulator)
+        with _one_kernel(x.device.type):
+            x32, w32 = x.float(), weight.float()
+            out = matmul(c.cast_config_input.cast(x32, 1), c.cast_config_weight.cast(w32, 1).t(), c.accumulator)
+        return out.to(x.dtype)
 
     @staticmethod
     def backward(ctx, grad_out):
         x, weight = ctx.saved_tensors
         c = ctx.config
-        grad_x = matmul(c.cast_config_grad_output.cast(grad_out, 1), c.cast_config_weight_for_grad_input.cast(weight, 0), c.accumulator)
-        grad_w = matmul(c.cast_config_grad_output_for_grad_weight.cast(grad_out, 0).t(), c.cast_config_input_for_grad_weight.cast(x, 0),
-                        c.accumulator)
-        return grad_x, grad_w, None
+        with _one_kernel(grad_out.device.type):
+            g, x32, w32 = grad_out.float(), x.float(), weight.float()
+            grad_x = matmul(c.cast_config_grad_output.cast(g, 1), c.cast_config_weight_for_grad_input.cast(w32, 0), c.accumulator)
+            grad_w = matmul(c.cast_config_grad_output_for_grad_weight.cast(g, 0).t(), c.cast_config_input_for_grad_weight.cast(x32, 0),
+                            c.accumulator)
+        return grad_x.to(grad_out.dtype), grad_w.to(grad_out.dtype), None  # autograd casts grad_w on to the weight's dtype
+
+
+@contextlib.contextmanager
+def _one_kernel(device_type: str):
+    """Inside an FP8 kernel: no autocast, real or emulated (a TorchFunctionMode such as ``EmulatedAutocast``)."""
+    with torch.amp.autocast(device_type, enabled=False), torch._C.DisableTorchFunction():
+        yield
+
+
+def autocast_dtype(device_type: str) -> torch.dtype | None:
+    """The dtype autocast lowers to here, real (``torch.amp.autocast``) or emulated (``EmulatedAutocast``); None outside autocast."""
+    if torch.is_autocast_enabled(device_type):
+        return torch.get_autocast_dtype(device_type)
+    for mode in reversed(torch.overrides._get_current_function_mode_stack()):
+        if isinstance(mode, EmulatedAutocast):
+            return mode.dtype
+    return None
 
 
 class Float8Linear(nn.Linear):
-    """``nn.Linear`` whose three matrix products are emulated FP8 as ``config`` says; the bias stays high precision."""
+    """``nn.Linear`` whose three matrix products are emulated FP8 as ``config`` says; the bias stays high precision.
+
+    Under autocast (real, or ``EmulatedAutocast``) it does what torchao's ``Float8Linear`` does under
+    real autocast: the input is cast to the autocast dtype, the FP8 product's output comes out in that
+    dtype, and the bias is cast to it before it is added. The FP8 arithmetic itself does not change.
+    """
 
     def __init__(self, in_features: int, out_features: int, bias: bool = True, config: Float8LinearConfig | None = None,
                  device=None, dtype=None):
@@ -351,7 +385,10 @@ class Float8Linear(nn.Linear):
         if torch.is_grad_enabled() and self.weight.requires_grad and tokens % need:
             raise ValueError(f"the {c.recipe} recipe quantizes the weight gradient's operands in blocks of {need} along the "
                              f"tokens; this batch has {tokens} tokens (batch × sequence), not a multiple of {need}")
-        out = _Float8Matmul.apply(x.reshape(-1, x.shape[-1]), self.weight, self.config).to(x.dtype)
+        low = autocast_dtype(x.device.type)
+        if low is not None:  # as torchao: the input in the autocast dtype, so the output comes out in it too
+            x = x.to(low)
+        out = _Float8Matmul.apply(x.reshape(-1, x.shape[-1]), self.weight, self.config)
         out = out.reshape(*x.shape[:-1], self.out_features)
         return out + self.bias.to(out.dtype) if self.bias is not None else out
 

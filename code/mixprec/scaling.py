@@ -11,6 +11,9 @@ A training step with a scaler reads the same whichever scaler it is:
 The dynamic rule is GradScaler's: after an overflow, multiply the scale by ``backoff_factor`` and
 start counting again; after ``growth_interval`` clean steps in a row, multiply it by
 ``growth_factor``. Scales are float32, like GradScaler's, so the two agree bit for bit.
+
+The experiments that drive a scaler through training (``scaler_trajectory``,
+``first_overflowing_scale``) live in ``mixprec.scale_experiments``.
 """
 
 from __future__ import annotations
@@ -231,53 +234,3 @@ class DynamicLossScaler(StaticLossScaler):
         self._scale.fill_(state["scale"])
         self.growth_factor, self.backoff_factor, self.growth_interval, self.min_scale = options
         self._growth_tracker = tracker
-
-
-def scaler_trajectory(scaler, steps: int = 300, poison: dict[int, float] | None = None, seed: int = 0) -> tuple[list[tuple[float, bool]], torch.nn.Module]:
-    """Drive ``scaler`` through ``steps`` steps of training a small fixed model; returns ``[(scale, stepped), ...]`` and the model.
-
-    ``poison`` maps step numbers to a value (inf or NaN) planted in one gradient at that step, as an
-    overflow would. Two scalers that behave alike give equal trajectories and bit-identical models.
-    """
-    from .amp import get_policy
-    from .step import train_step
-
-    generator = torch.Generator().manual_seed(seed)
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        model = torch.nn.Sequential(torch.nn.Linear(6, 16), torch.nn.Tanh(), torch.nn.Linear(16, 1))
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
-    fp32, cpu = get_policy("fp32"), torch.device("cpu")
-    log = []
-    for step in range(steps):
-        x = torch.randn(8, 6, generator=generator)
-
-        def plant(m, step=step):
-            if poison and step in poison:
-                m[0].weight.grad[0, 0] = poison[step]
-
-        result = train_step(model, x, None, lambda out, _: out.pow(2).mean(), optimizer, fp32, scaler, cpu, after_backward=plant)
-        log.append((result.loss_scale, not result.skipped))
-    return log, model
-
-
-def first_overflowing_scale(model: torch.nn.Module, inputs, targets, loss_fn, policy="fp16-amp", exponents=range(0, 41),
-                            device: torch.device | str = "cpu") -> int | None:
-    """The smallest ``e`` in ``exponents`` for which a loss scale of 2**e makes some gradient inf or NaN.
-
-    Measured, not predicted: one forward and backward per scale, under ``policy`` (a name or a
-    ``mixprec.amp.Policy``), exactly as ``mixprec.step.train_step`` runs them. None if no scale in
-    ``exponents`` overflows. The model's weights are not changed; its gradients are cleared.
-    """
-    from .amp import get_policy
-    from .step import forward_backward
-
-    policy, device = get_policy(policy), torch.device(device)
-    for e in exponents:
-        model.zero_grad(set_to_none=True)
-        forward_backward(model, inputs, targets, loss_fn, policy, device, lambda loss, e=e: loss * 2.0**e)
-        finite = all(bool(torch.isfinite(p.grad).all()) for p in model.parameters() if p.grad is not None)
-        model.zero_grad(set_to_none=True)
-        if not finite:
-            return e
-    return None

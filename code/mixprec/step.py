@@ -1,8 +1,9 @@
 """One mixed-precision training step, the same for every policy, and the history every trainer keeps.
 
-``train_step`` is the whole recipe; the story trainer, the debugging clinic and the loss-scaler
-trajectory all call it. The policy (``mixprec.amp.Policy``) decides every precision question; the
-step only keeps the order that mixed precision needs.
+``train_step`` is the whole recipe; the story trainer, the debugging clinic, the benchmarks and the
+loss-scaler trajectory all call it, with the ``TrainingSetup`` that ``Policy.setup`` builds. The
+policy (``mixprec.amp.Policy``) decides every precision question; the step only keeps the order
+that mixed precision needs.
 """
 
 from __future__ import annotations
@@ -12,6 +13,9 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 
 import torch
+from torch.utils._pytree import tree_map
+
+from .amp import TrainingSetup, get_policy
 
 
 @dataclass(frozen=True)
@@ -26,10 +30,17 @@ class StepResult:
     lr: float
 
 
-def forward_backward(model: torch.nn.Module, inputs, targets, loss_fn: Callable, policy, device: torch.device,
+def forward_backward(model: torch.nn.Module, inputs, targets, loss_fn: Callable, precision="fp32", device: torch.device | str | None = None,
                      scale: Callable[[torch.Tensor], torch.Tensor] | None = None) -> torch.Tensor:
     """The forward under the policy's autocast, the loss in FP32 and the backward of ``scale(loss)`` outside
-    autocast; returns the (unscaled) loss. ``train_step`` is this plus the optimizer's side."""
+    autocast; returns the (unscaled) loss. ``train_step`` is this plus the optimizer's side.
+
+    ``precision``: a policy name or ``mixprec.amp.Policy``. ``device``: default the model's; the inputs
+    and targets (tensors, or tuples and dicts of them) are moved there.
+    """
+    policy = get_policy(precision)
+    device = torch.device(device) if device is not None else next((p.device for p in model.parameters()), torch.device("cpu"))
+    inputs, targets = tree_map(lambda t: t.to(device) if isinstance(t, torch.Tensor) else t, (inputs, targets))
     with policy.whole_step(device):  # TF32 and whole-network rounding, where the policy has them
         with policy.forward(device):  # autocast, native or emulated, covers the forward pass only
             output = model(inputs)
@@ -38,35 +49,32 @@ def forward_backward(model: torch.nn.Module, inputs, targets, loss_fn: Callable,
     return loss
 
 
-def train_step(model: torch.nn.Module, inputs, targets, loss_fn: Callable, optimizer: torch.optim.Optimizer, policy, scaler,
-               device: torch.device, clip: float | None = 1.0, master=None, schedule=None,
-               after_backward: Callable[[torch.nn.Module], None] | None = None) -> StepResult:
-    """One optimizer step of ``model`` on one batch, under ``policy`` (see ``mixprec.amp``).
+def train_step(setup: TrainingSetup, inputs, targets, after_backward: Callable[[torch.nn.Module], None] | None = None) -> StepResult:
+    """One optimizer step of ``setup.model`` on one batch; ``setup`` comes from ``Policy.setup`` (see ``mixprec.amp``).
 
-    ``scaler`` has ``torch.amp.GradScaler``'s interface; a disabled one (``GradScaler(enabled=False)``,
-    ``mixprec.scaling.NoLossScaler``) makes this plain training. ``master``: the ``MasterWeights`` of
-    a ``*-master`` or ``round-all`` policy. ``schedule`` advances only when the optimizer really
-    stepped. ``after_backward(model)`` runs between backward and unscaling (to plant a fault, say).
+    The scaler has ``torch.amp.GradScaler``'s interface; a disabled one (``NoLossScaler``) makes this
+    plain training. The schedule advances only when the optimizer really stepped.
+    ``after_backward(model)`` runs between backward and unscaling (to plant a fault, say).
     """
-    loss = forward_backward(model, inputs, targets, loss_fn, policy, device, scaler.scale)
+    loss = forward_backward(setup.forward, inputs, targets, setup.loss_fn, setup.policy, setup.device, setup.scaler.scale)
     if after_backward is not None:
-        after_backward(model)
-    if master is not None:
-        master.grads_to_master()  # low-precision gradients into the FP32 masters
-    scaler.unscale_(optimizer)  # the true gradients, before clipping, so the threshold means what it says
-    params = [p for group in optimizer.param_groups for p in group["params"]]
-    grad_norm = float(torch.nn.utils.clip_grad_norm_(params, clip if clip is not None else math.inf))
-    enabled = getattr(scaler, "is_enabled", lambda: True)()  # a reader's own scaler may not have is_enabled
-    scale = scaler.get_scale() if enabled else None
+        after_backward(setup.model)
+    if setup.master is not None:
+        setup.master.grads_to_master()  # low-precision gradients into the FP32 masters
+    setup.scaler.unscale_(setup.optimizer)  # the true gradients, before clipping, so the threshold means what it says
+    params = [p for group in setup.optimizer.param_groups for p in group["params"]]
+    grad_norm = float(torch.nn.utils.clip_grad_norm_(params, setup.clip if setup.clip is not None else math.inf))
+    enabled = getattr(setup.scaler, "is_enabled", lambda: True)()  # a reader's own scaler may not have is_enabled
+    scale = setup.scaler.get_scale() if enabled else None
     skipped = enabled and not math.isfinite(grad_norm)
-    lr = optimizer.param_groups[0]["lr"]
-    scaler.step(optimizer)  # skipped when a gradient is inf or NaN
-    scaler.update()
-    if schedule is not None and not skipped:
-        schedule.step()  # a skipped step must not eat into the warm-up or the decay
-    optimizer.zero_grad(set_to_none=True)
-    if master is not None:
-        master.to_working()
+    lr = setup.optimizer.param_groups[0]["lr"]
+    setup.scaler.step(setup.optimizer)  # skipped when a gradient is inf or NaN
+    setup.scaler.update()
+    if setup.schedule is not None and not skipped:
+        setup.schedule.step()  # a skipped step must not eat into the warm-up or the decay
+    setup.optimizer.zero_grad(set_to_none=True)
+    if setup.master is not None:
+        setup.master.to_working()
     return StepResult(loss.item(), grad_norm, scale, skipped, lr)
 
 

@@ -8,17 +8,13 @@ FP16 weights. ``for_inference`` therefore returns a converted *copy* when a conv
 from __future__ import annotations
 
 import contextlib
-import copy
 import math
 import time
 from dataclasses import dataclass, field
 
 import torch
 
-from ..amp import AUTOCAST_VARIANTS, Policy, get_policy
-from ..formats import E4M3
-
-INFERENCE_PRECISIONS = ("fp32", "fp16", "bf16", "fp16-amp", "bf16-amp", *AUTOCAST_VARIANTS, "fp8-weight", "round-all:<format>")
+from ..amp import Policy, get_policy
 
 
 @dataclass
@@ -37,37 +33,20 @@ class InferenceModel:
             yield
 
 
-def for_inference(model: torch.nn.Module, precision: str = "fp32") -> InferenceModel:
-    """``model`` prepared for inference at ``precision``; the caller's model is never modified.
+def for_inference(model: torch.nn.Module, precision: str | Policy = "fp32") -> InferenceModel:
+    """``model`` prepared for inference under a precision policy (``mixprec.amp``); the caller's model is never modified.
 
-    ``fp16``/``bf16``: a copy with all weights converted (pure low precision).
-    ``fp16-amp``/``bf16-amp`` (and their ``:native``/``:cpu-lists`` variants): the model itself, run
-    under the policy's autocast, native on a GPU, emulated elsewhere (see ``mixprec.amp``).
-    ``fp8-weight``: a copy whose weight matrices are rounded to E4M3 with one scale per tensor
-    (weight-only FP8, emulated; activations stay FP32).
-    ``round-all:<format>``: the model itself, every op result rounded to the format.
+    Every policy name works, with the same meaning as in training: ``fp16``/``bf16`` (inference
+    policies) run a copy with all weights converted (pure low precision); ``fp16-amp``/``bf16-amp``
+    run the model itself under autocast, native on a GPU, emulated elsewhere; ``fp8-weight`` runs a
+    copy whose weight matrices are rounded to E4M3 with one scale per tensor (weight-only FP8,
+    emulated; activations stay FP32); ``round-all:<format>`` rounds every op result. A conversion is
+    always made on a copy (``Policy.inference_model``).
     """
     if isinstance(model, InferenceModel):
         return model
-    if not isinstance(precision, str):
-        raise TypeError(f"precision must be a string, one of {', '.join(INFERENCE_PRECISIONS)}; got {type(precision).__name__}")
-    if precision == "fp32":
-        return InferenceModel(model, precision)
-    if precision in ("fp16", "bf16"):
-        dtype = torch.float16 if precision == "fp16" else torch.bfloat16
-        return InferenceModel(copy.deepcopy(model).to(dtype), precision)
-    if precision in ("fp16-amp", "bf16-amp", *AUTOCAST_VARIANTS) or precision.startswith("round-all:"):
-        return InferenceModel(model, precision, get_policy(precision))
-    if precision == "fp8-weight":
-        from ..fp8 import quantize_tensorwise
-
-        quantized = copy.deepcopy(model)
-        with torch.no_grad():
-            for p in quantized.parameters():
-                if p.dim() == 2:
-                    p.copy_(quantize_tensorwise(p, E4M3).dequantize())
-        return InferenceModel(quantized, precision)
-    raise ValueError(f"unknown inference precision {precision!r}; valid: {', '.join(INFERENCE_PRECISIONS)}")
+    policy = get_policy(precision)  # unknown names fail with the list of valid ones
+    return InferenceModel(policy.inference_model(model), policy.name, policy)
 
 
 def until_eos(token_ids: list[int], eos_token_id: int) -> list[int]:

@@ -53,9 +53,9 @@ def lm_loss(output, targets: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
-def evaluate(model: torch.nn.Module, batches, policy: Policy | str = "fp32", device: torch.device | str | None = None) -> float:
+def evaluate(model: torch.nn.Module, batches, precision: Policy | str = "fp32", device: torch.device | str | None = None) -> float:
     """Mean loss over ``batches`` (from ``TokenData.eval_windows``), run under the policy's compute context."""
-    policy = get_policy(policy)
+    policy = get_policy(precision)
     device = torch.device(device) if device is not None else next(model.parameters()).device
     was_training = model.training
     model.eval()
@@ -84,7 +84,7 @@ def train(
     warmup: int | None = None,
     min_lr_ratio: float = 0.1,
     weight_decay: float = 0.0,
-    clip: float = 1.0,
+    clip: float | None = 1.0,
     seed: int = 0,
     scaler=None,
     eval_every: int | None = None,
@@ -103,6 +103,7 @@ def train(
         get_scale). None: the policy's default (a GradScaler for ``fp16-amp``, none otherwise).
         False: no scaling, even for ``fp16-amp`` (a disabled scaler, ``NoLossScaler``).
     lr, weight_decay: the defaults suit the ``tiny`` size; ``story.SIZES[size]`` has settings for the others.
+    clip: the gradient-norm threshold, or None for no clipping.
     eval_every: evaluate on the validation windows every this many steps (and always at the end).
     after_backward: called as ``after_backward(step, model)`` between backward and unscaling; a hook
         for experiments, e.g. planting an inf in a gradient.
@@ -112,19 +113,14 @@ def train(
         raise ValueError(f"need steps >= 1, batch_size >= 1 and block_size >= 2; got {steps}, {batch_size}, {block_size}")
     if block_size > model.config.n_positions:
         raise ValueError(f"block_size {block_size} exceeds the model's n_positions {model.config.n_positions}")
-    device = torch.device(device) if device is not None else hw.default_device()
-    torch.manual_seed(seed)
-    model.to(device).train()
-    history = TrainHistory(policy.name, hw.device_info(device).name, sum(p.numel() for p in model.parameters()), batch_size * block_size)
-    policy, master, notes = policy.prepare(model, device)
-    history.notes.extend(notes)
-    optimizer = policy.optimizer(master.master if master else model.parameters(), lr=lr, weight_decay=weight_decay, seed=seed)
     warmup = max(1, steps // 10) if warmup is None else warmup
-    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(warmup, steps, min_lr_ratio))
-    scaler = policy.scaler(device, scaler)
-    forward = torch.compile(model) if compile else model
-
-    peak = hw.peak_tflops(history.device, "fp8" if policy.fp8 else _peak_dtype(policy)) if device.type == "cuda" else None
+    torch.manual_seed(seed)
+    setup = policy.setup(model.train(), lr=lr, weight_decay=weight_decay, loss_fn=lm_loss, schedule=warmup_cosine(warmup, steps, min_lr_ratio),
+                         scaler=scaler, clip=clip, device=device if device is not None else hw.default_device(), seed=seed, compile=compile)
+    device = setup.device
+    history = TrainHistory(policy.name, hw.device_info(device).name, sum(p.numel() for p in model.parameters()), batch_size * block_size,
+                           notes=list(setup.notes))
+    peak = hw.peak_tflops(history.device, policy.peak_dtype()) if device.type == "cuda" else None
     flops = flops_per_token(model, block_size)
     generator = torch.Generator().manual_seed(seed)
     eval_set = data.eval_windows(batch_size, block_size, eval_batches)
@@ -136,8 +132,7 @@ def train(
             torch.cuda.reset_peak_memory_stats(device)
         start = time.perf_counter()
         hook = (lambda m, step=step: after_backward(step, m)) if after_backward else None
-        result = train_step(forward, x, y, lm_loss, optimizer, policy, scaler, device, clip=clip, master=master, schedule=schedule,
-                            after_backward=hook)
+        result = train_step(setup, x, y, after_backward=hook)
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         elapsed = time.perf_counter() - start
@@ -152,12 +147,6 @@ def train(
     if bar is not None:
         bar.close()
     return history
-
-
-def _peak_dtype(policy: Policy) -> str:
-    if policy.autocast_dtype is not None or policy.param_dtype != torch.float32:
-        return "fp16" if policy.autocast_dtype == torch.float16 else "bf16"
-    return "tf32" if policy.tf32 else "fp32"
 
 
 def _progress(total: int, label: str):
