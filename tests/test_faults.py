@@ -852,3 +852,20 @@ def test_master_weights_with_a_frozen_parameter():
     model(torch.randn(3, 4).bfloat16()).sum().backward()  # runs: no mixed-dtype error
     master.grads_to_master()
     assert model[0].weight.grad is None
+
+
+# --- branch emulation: the inspector labels data-dependent ops truthfully (reliability review S6) ---------------------
+
+
+def test_inspector_labels_data_dependent_ops_truthfully():
+    """``masked_select``, ``unique`` and ``repeat_interleave`` have no meta kernel (their output size depends on the data),
+    so the inspector cannot re-run them without autocast: that is "unknown", not "autocast made it FP32"."""
+    from mixprec.amp import AutocastInspector
+
+    x = torch.randn(4, 8)
+    with torch.amp.autocast("cpu", dtype=torch.bfloat16), AutocastInspector() as seen:
+        torch.masked_select(x, x > 0)
+        torch.unique(x)
+        torch.repeat_interleave(x[0], torch.arange(8))
+    categories = {r.name: r.category for r in seen.records if r.name in ("masked_select", "unique", "repeat_interleave")}
+    assert categories == {"masked_select": "unknown", "unique": "unknown", "repeat_interleave": "unknown"}
