@@ -1,8 +1,7 @@
 import pytest
 import torch
 import torch.nn.functional as F
-from mixprec.amp import (MEMORY_POLICIES, AutocastInspector, get_policy, memory_breakdown, saved_activation_breakdown,
-                        saved_activation_bytes)
+from mixprec.amp import MEMORY_POLICIES, AutocastInspector, get_policy, memory_breakdown, saved_activation_breakdown, saved_activation_bytes
 from mixprec.story import build_model
 
 
