@@ -161,7 +161,11 @@ def test_the_tracer_names_the_op_that_overflowed_under_the_emulation_as_under_re
 
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(8, 32), nn.GELU(), nn.Linear(32, 4))
-    x = torch.randn(64, 8) * (3e3 if phase == "forward" else 1.0)
+    x = torch.randn(64, 8).clamp(-3, 3)
+    if phase == "forward":  # inputs and weights that fit FP16, products whose sums do not
+        x = x * 2e4
+        with torch.no_grad():
+            model[0].weight.mul_(10)
     real = lambda: torch.amp.autocast("cpu", dtype=torch.float16)  # noqa: E731
     emulated = lambda: EmulatedAutocast(torch.float16, "cpu")  # noqa: E731
     scale = next(2.0**k for k in range(0, 40) if _first_inf(model, x, real, 2.0**k) is not None)
