@@ -3,7 +3,7 @@ import dataclasses
 import pytest
 import torch
 import torch.nn.functional as F
-from mixprec.amp import MEMORY_POLICIES, AutocastInspector, get_policy, memory_breakdown, saved_activation_bytes
+from mixprec.amp import MEMORY_POLICIES, AutocastInspector, get_policy, memory_breakdown, saved_activation_breakdown, saved_activation_bytes
 from mixprec.story import build_model
 
 
@@ -69,3 +69,27 @@ def test_memory_model_matches_the_tensors_a_step_holds(name):
     model_bytes = memory_breakdown(n, name)
     for part in ("weights", "grads", "optimizer"):
         assert measured[part] == model_bytes[part], (part, measured[part], model_bytes[part])
+
+
+def test_inspector_labels_in_place_ops_truthfully():
+    """An in-place op writes into its input, whose dtype autocast never changes; it is not re-run, so it is labelled as
+    such, not as "autocast made it FP32" (correctness review L8)."""
+    x, y = torch.randn(4, 4), torch.randn(4, 4)
+    with torch.amp.autocast("cpu", dtype=torch.bfloat16), AutocastInspector() as seen:
+        y.add_(1)
+        x.masked_fill_(x > 0, 0.0)
+        torch.mm(x, y)
+    categories = {r.name: r.category for r in seen.records}
+    assert categories == {"add_": "in-place", "masked_fill_": "in-place", "mm": "lowered"}
+
+
+def test_saved_activations_count_the_fp32_copy_of_low_precision_logits():
+    """Under real autocast ``logits.float()`` allocates an FP32 copy for the loss; under the emulation it would return
+    the same float32 storage. Both count the loss's logits at 4 bytes per value (correctness review M3)."""
+    model = build_model("tiny", 300)
+    x = torch.randint(0, 300, (2, 32))
+    logits_bytes = 2 * 32 * 300 * 4
+    for policy in ("bf16-amp", "bf16-amp:native"):
+        table = saved_activation_breakdown(model, x, policy)
+        assert table[("loss", "float32")] >= logits_bytes, policy
+    assert saved_activation_bytes(model, x, "bf16-amp") == sum(saved_activation_breakdown(model, x, "bf16-amp").values())

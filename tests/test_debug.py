@@ -141,3 +141,36 @@ def test_relative_error_and_capture():
     with pytest.raises(ValueError, match="no module"):
         with debug.capture(model, "nope"):
             pass
+
+
+def _first_inf(model, x, context, scale):
+    def step():
+        with context():
+            out = model(x)
+        (out.float().sum() * scale).backward()  # the loss and its scale outside autocast, as in a training step
+    found = debug.trace_nonfinite(model, step)
+    model.zero_grad(set_to_none=True)
+    return found
+
+
+@pytest.mark.parametrize("phase", ["forward", "backward"])
+def test_the_tracer_names_the_op_that_overflowed_under_the_emulation_as_under_real_autocast(phase):
+    """Real FP16 autocast makes the inf in the FP16 op itself; the emulation computes that op in FP32 and its rounding
+    (``_to_copy``) makes the inf. The tracer reports the op whose result did not fit in both cases, not the cast."""
+    from mixprec.emulate import EmulatedAutocast
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 32), nn.GELU(), nn.Linear(32, 4))
+    x = torch.randn(64, 8).clamp(-3, 3)
+    if phase == "forward":  # inputs and weights that fit FP16, products whose sums do not
+        x = x * 2e4
+        with torch.no_grad():
+            model[0].weight.mul_(10)
+    real = lambda: torch.amp.autocast("cpu", dtype=torch.float16)  # noqa: E731
+    emulated = lambda: EmulatedAutocast(torch.float16, "cpu")  # noqa: E731
+    scale = next(2.0**k for k in range(0, 40) if _first_inf(model, x, real, 2.0**k) is not None)
+    found_real, found_emulated = _first_inf(model, x, real, scale), _first_inf(model, x, emulated, scale)
+    same = lambda f: (f.phase, f.module, f.op, f.backward_node, f.shape, f.dtype, f.kind)  # noqa: E731
+    assert same(found_real) == same(found_emulated) and found_real.phase == phase
+    assert found_real.rounded_by is None and found_emulated.rounded_by == "_to_copy"
+    assert found_emulated.op not in ("_to_copy", "copy_") and found_emulated.backward_node != "_RoundBackward"

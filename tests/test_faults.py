@@ -938,3 +938,19 @@ def test_first_overflowing_scale_runs_on_the_models_device():
     model = torch.nn.Linear(3, 1)
     assert first_overflowing_scale(model, torch.ones(2, 3, dtype=torch.float32), None, lambda out, _: out.sum(), "fp32",
                                    exponents=[0, 200]) == 200
+
+# --- branch emulation: the inspector labels data-dependent ops truthfully (reliability review S6) ---------------------
+
+
+def test_inspector_labels_data_dependent_ops_truthfully():
+    """``masked_select``, ``unique`` and ``repeat_interleave`` have no meta kernel (their output size depends on the data),
+    so the inspector cannot re-run them without autocast: that is "unknown", not "autocast made it FP32"."""
+    from mixprec.amp import AutocastInspector
+
+    x = torch.randn(4, 8)
+    with torch.amp.autocast("cpu", dtype=torch.bfloat16), AutocastInspector() as seen:
+        torch.masked_select(x, x > 0)
+        torch.unique(x)
+        torch.repeat_interleave(x[0], torch.arange(8))
+    categories = {r.name: r.category for r in seen.records if r.name in ("masked_select", "unique", "repeat_interleave")}
+    assert categories == {"masked_select": "unknown", "unique": "unknown", "repeat_interleave": "unknown"}

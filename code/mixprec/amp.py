@@ -395,13 +395,20 @@ class OpRecord:
     name: str
     inputs: tuple[str, ...]
     outputs: tuple[str, ...]
-    without_autocast: tuple[str, ...] | None  # None: the call fails without autocast (mixed dtypes), or was not re-run
+    without_autocast: tuple[str, ...] | None  # None: the call fails without autocast, or was not re-run (in place)
 
     @property
     def category(self) -> str:
         """What autocast changed: ``lowered`` (output in low precision because of autocast), ``fp32`` (output
         in FP32 because of autocast), ``promoted`` (mixed inputs, FP32 out by PyTorch's own type promotion,
-        not autocast) or ``unchanged``."""
+        not autocast), ``unchanged``, ``in-place`` (writes into its input, whose dtype autocast never changes;
+        not re-run) or ``unknown`` (the re-run without autocast failed although the inputs share one dtype:
+        an op without a meta kernel, such as the data-dependent ``masked_select`` or ``unique``)."""
+        if self.without_autocast is None:
+            if self.name.endswith("_") and not self.name.startswith("__"):
+                return "in-place"
+            if len(set(self.inputs)) <= 1:  # not mixed dtypes that only autocast makes legal: the re-run itself failed
+                return "unknown"
         if self.outputs != self.without_autocast:
             return "fp32" if set(self.outputs) == {"float32"} else "lowered"
         if len(set(self.inputs)) > 1 and set(self.outputs) == {"float32"}:
@@ -493,23 +500,48 @@ def memory_breakdown(n_params: int, precision: str | Policy) -> dict[str, float]
 def saved_activation_bytes(model: torch.nn.Module, input_ids: torch.Tensor, precision: str | Policy = "fp32") -> int:
     """Bytes of the tensors autograd saves for the backward pass in one forward pass under ``precision`` (a policy).
 
-    These saved activations are what the backward needs and what batch size multiplies. Measured
-    with ``torch.autograd.graph.saved_tensors_hooks``, so it works on any device; tensors saved
-    twice (the same storage) are counted once, and parameters are not counted.
+    These saved activations are what batch size multiplies. Measured with
+    ``torch.autograd.graph.saved_tensors_hooks``, so it works on any device; tensors saved twice (the
+    same storage) are counted once, and parameters are not counted. Autocast's low-precision copies of
+    the weights are saved by the matmuls and counted here too (``bytes_per_parameter`` counts them as
+    ``autocast_cache``). ``saved_activation_breakdown`` says which module saved what.
     """
+    return sum(saved_activation_breakdown(model, input_ids, precision).values())
+
+
+def saved_activation_breakdown(model: torch.nn.Module, input_ids: torch.Tensor,
+                               precision: str | Policy = "fp32") -> dict[tuple[str, str], int]:
+    """``saved_activation_bytes`` split by who saved it: (class of the innermost module running, or ``"loss"``;
+    the dtype the tensor is held in) → bytes. The loss is a log-softmax over the vocabulary on FP32 logits."""
     policy = get_policy(precision)
     device = next(model.parameters()).device
     params = {p.untyped_storage().data_ptr() for p in model.parameters()}
-    seen: dict[int, int] = {}
+    seen: dict[int, tuple[tuple[str, str], int]] = {}
+    running: list[str] = []
 
     def pack(t: torch.Tensor):
         storage = t.untyped_storage()
-        if storage.data_ptr() not in params:  # emulated autocast stores low-precision values in float32: count what it emulates
-            seen[storage.data_ptr()] = storage.nbytes() * held_in(t).itemsize // t.dtype.itemsize
+        if storage.data_ptr() not in params and storage.data_ptr() not in seen:
+            # emulated autocast stores low-precision values in float32: count what it emulates
+            owner = (running[-1] if running else "loss", str(held_in(t)).removeprefix("torch."))
+            seen[storage.data_ptr()] = owner, storage.nbytes() * held_in(t).itemsize // t.dtype.itemsize
         return t
 
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), policy.whole_step(device):
-        with policy.forward(device):
-            logits = model(input_ids.to(device)).logits
-        logits.float().logsumexp(-1).mean()  # the loss's own saved tensors: a log-softmax over the vocabulary
-    return sum(seen.values())
+    handles = [h for m in model.modules() for h in (
+        m.register_forward_pre_hook(lambda m, a: running.append(type(m).__name__)),
+        m.register_forward_hook(lambda m, a, o: running.pop() and None, always_call=True))]
+    try:
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), policy.whole_step(device):
+            with policy.forward(device):
+                logits = model(input_ids.to(device)).logits
+            # Under real autocast ``.float()`` of a low-precision tensor allocates an FP32 copy; an emulated one is already
+            # float32 storage (``.float()`` would return it), so make that copy explicitly.
+            full = logits.clone() if held_in(logits) != logits.dtype else logits.float()
+            full.logsumexp(-1).mean()  # the loss's own saved tensors: a log-softmax over the vocabulary
+    finally:
+        for h in handles:
+            h.remove()
+    table: dict[tuple[str, str], int] = {}
+    for owner, nbytes in seen.values():
+        table[owner] = table.get(owner, 0) + nbytes
+    return table

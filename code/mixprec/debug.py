@@ -43,7 +43,11 @@ class NonFinite:
     backward_node: str | None  # the autograd node running, in the backward pass (e.g. "SoftmaxBackward0")
     op_index: int  # how many ops ran before it in this trace
     shape: tuple[int, ...]
-    dtype: str
+    dtype: str  # the dtype the result is held in
+    # The cast that stored the op's finite result in a narrower format and made it non-finite: ``_to_copy`` for
+    # autocast's own casts and for ``EmulatedAutocast``'s rounding (which computes in FP32 and then rounds). The
+    # fields above then describe the op whose result did not fit, as a real FP16 kernel would have produced the inf.
+    rounded_by: str | None = None
 
     def __str__(self) -> str:
         where = "前向" if self.phase == "forward" else f"反向（{self.backward_node}）"
@@ -87,29 +91,45 @@ class _TagNodes(TorchFunctionMode):
 
 
 class _FirstNonFinite(TorchDispatchMode):
+    """Checks every op's result; remembers which op produced each storage, so that when a cast to a narrower format
+    is what turns a finite result into an inf, the op whose result did not fit is reported, not the cast."""
+
+    _CASTS = frozenset(("_to_copy", "to", "copy_", "_to_dtype"))
+
     def __init__(self, current_module: Callable[[], str]):
         super().__init__()
         self.current_module = current_module
         self.found: NonFinite | None = None
         self.count = 0
+        self.producers: dict[int, tuple] = {}  # storage address → (phase, module, op, node, index, shape)
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
         self.count += 1
-        if self.found is None:
-            outputs = _float_tensors(out)
-            kind = _nonfinite_kind(outputs) if outputs else None
-            if kind is not None:
-                node = torch._C._current_autograd_node()
-                if node is None:
-                    phase, module, node_name = "forward", self.current_module(), None
-                else:
-                    phase, module, node_name = "backward", node.metadata.get(_MODULE_TAG, OUTSIDE), node.name()
-                inputs = _float_tensors((args, kwargs))
-                self.found = NonFinite(
-                    phase, module, func.overloadpacket.__name__, kind, _nonfinite_kind(inputs) is None,
-                    node_name, self.count - 1, tuple(outputs[0].shape), str(outputs[0].dtype).removeprefix("torch."),
-                )
+        if self.found is not None:
+            return out
+        name = func.overloadpacket.__name__
+        node = torch._C._current_autograd_node()
+        phase, module, node_name = ("forward", self.current_module(), None) if node is None else \
+            ("backward", node.metadata.get(_MODULE_TAG, OUTSIDE), node.name())
+        outputs = _float_tensors(out)
+        kind = _nonfinite_kind(outputs) if outputs else None
+        if kind is not None:
+            inputs = _float_tensors((args, kwargs))
+            finite_in = _nonfinite_kind(inputs) is None
+            dtype = str(outputs[0].dtype).removeprefix("torch.")
+            source = None
+            if name in self._CASTS and finite_in and inputs and outputs[0].dtype.itemsize < inputs[0].dtype.itemsize:
+                source = self.producers.get(inputs[0].untyped_storage().data_ptr())
+            if source is not None:
+                self.found = NonFinite(*source[:3], kind, True, source[3], source[4], source[5], dtype, rounded_by=name)
+            else:
+                self.found = NonFinite(phase, module, name, kind, finite_in, node_name, self.count - 1,
+                                       tuple(outputs[0].shape), dtype)
+            return out
+        if not any(r.alias_info is not None and not r.alias_info.is_write for r in func._schema.returns):  # views: their base's
+            for t in outputs:
+                self.producers[t.untyped_storage().data_ptr()] = (phase, module, name, node_name, self.count - 1, tuple(t.shape))
         return out
 
 
