@@ -93,3 +93,19 @@ def test_saved_activations_count_the_fp32_copy_of_low_precision_logits():
         table = saved_activation_breakdown(model, x, policy)
         assert table[("loss", "float32")] >= logits_bytes, policy
     assert saved_activation_bytes(model, x, "bf16-amp") == sum(saved_activation_breakdown(model, x, "bf16-amp").values())
+
+@pytest.mark.parametrize("recipe", ["tensorwise", "blockwise", "mxfp8"])
+def test_fp8_linears_keep_no_fp8_weight_copy_through_the_step(recipe):
+    """The memory model counts no FP8 weight copy: the layer saves the high-precision weight itself for
+    the backward (and casts it again there), so the forward's FP8 copy dies with the forward."""
+    from mixprec import fp8
+
+    layer = fp8.Float8Linear.from_float(torch.nn.Linear(128, 128), fp8.Float8LinearConfig.from_recipe_name(recipe))
+    x = torch.randn(128, 128, requires_grad=True)
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        layer(x)
+    weight_sized = [t for t in saved if t.shape == layer.weight.shape and t.untyped_storage().data_ptr() not in
+                    {layer.weight.untyped_storage().data_ptr(), x.untyped_storage().data_ptr()}]
+    assert not weight_sized, f"{recipe}: {len(weight_sized)} weight-sized copies saved for the backward"
+    assert get_policy(f"fp8:{recipe}").bytes_per_parameter()["autocast_cache"] <= get_policy("bf16-amp").bytes_per_parameter()["autocast_cache"]

@@ -1,7 +1,9 @@
 """The hand-written FP8 code against the library it teaches: torchao, on this machine's CPU.
 
 torchao's float8 training runs here with ``emulate=True`` (its own FP32 emulation of the FP8
-products), and ``MXTensor.to_mx`` quantizes to MXFP8 with its emulated kernels. Tolerance: zero.
+products), ``MXTensor.to_mx`` quantizes to MXFP8 with its emulated kernels, and torchao's MXFP8
+training layer (``torchao.prototype.moe_training.mxfp8_linear.MXFP8Linear``) runs with
+``KernelPreference.EMULATED``. Tolerance: zero.
 Both compute the same scales (torchao divides in float64 and rounds once to float32, which equals
 our float32 division: one correctly rounded quotient either way), the same saturating casts, and
 the same FP32 products in the same order, so every output and gradient is equal bit for bit.
@@ -12,6 +14,12 @@ Two documented differences, each tested on its own:
 * MX blocks whose scale would fall below 2**-126 (amax < 2**-118 for E4M3): torchao quantizes with
   2**-126 but records the E8M0 code of 2**-127, so its dequantized block comes back at half its
   value. We use 2**-127 for both, as the OCP MX v1.0 scale range says.
+
+The ``blockwise`` recipe (DeepSeek-V3) has no torchao reference that runs on a CPU: torchao's
+``prototype.blockwise_fp8_training`` (its layer and its ``torch_blockwise_scale_*`` reference
+quantizers alike) imports triton at module level. It is held equal instead to an independent
+reference: NumPy with ml_dtypes' E4M3 cast, following the same rule (scale = 448 / amax in float64,
+rounded to float32; saturate; dequantize by dividing by the scale).
 """
 
 import copy
@@ -26,8 +34,10 @@ from mixprec import fp8
 with warnings.catch_warnings():
     warnings.simplefilter("ignore")
     ao_float8 = pytest.importorskip("torchao.float8")
+    from torchao.prototype.moe_training.mxfp8_linear import MXFP8Linear
     from torchao.prototype.mx_formats.config import ScaleCalculationMode
     from torchao.prototype.mx_formats.mx_tensor import MXTensor
+    from torchao.quantization.quantize_.common.kernel_preference import KernelPreference
 
 
 def activations(rows=64, cols=256, seed=0, spread=6):
@@ -126,3 +136,80 @@ def test_mx_blocks_below_the_scale_range_follow_the_spec():
     assert ((q.dequantize() - x).abs() <= 2.0**-127 * 2.0**-10 + x.abs() * 2**-4).all()
     reference = MXTensor.to_mx(x, torch.float8_e4m3fn, 32).dequantize(torch.float32)
     assert not torch.equal(reference, q.dequantize())  # the documented difference (see the module docstring)
+
+
+# --- the mxfp8 training layer against torchao's MXFP8 training matmul --------------------------
+
+@pytest.mark.parametrize("shape", [(64, 256, 128), (2, 32, 64, 96)])  # (M, K, N) and a 3-D input (B, T, K, N)
+def test_mxfp8_linear_equals_torchao_mxfp8_linear_emulated(shape):
+    """The ``mxfp8`` recipe's forward output, input gradient, weight gradient and bias gradient equal
+    torchao's ``MXFP8Linear`` (emulated kernels, the OCP ``floor`` scale rule) bit for bit. torchao's
+    layer defaults to the ``rceil`` rule; our recipe keeps the specification's ``floor``."""
+    torch.manual_seed(0)
+    *lead, k, n = shape
+    layer = torch.nn.Linear(k, n)
+    x = activations(math.prod(lead), k).reshape(*lead, k)
+    grad_out = torch.randn(*lead, n) * 1e-3
+    theirs = MXFP8Linear(k, n, kernel_preference=KernelPreference.EMULATED, scale_calculation_mode=ScaleCalculationMode.FLOOR)
+    theirs.load_state_dict(layer.state_dict())
+    ours = fp8.Float8Linear.from_float(copy.deepcopy(layer), fp8.Float8LinearConfig.from_recipe_name("mxfp8"))
+    results = []
+    for module in (theirs, ours):
+        inp = x.detach().clone().requires_grad_(True)
+        out = module(inp)
+        out.backward(grad_out)
+        results.append((out.detach(), inp.grad, module.weight.grad, module.bias.grad))
+    for name, a, b in zip(("output", "grad_input", "grad_weight", "grad_bias"), *results, strict=True):
+        assert torch.equal(a, b), f"mxfp8: {name} differs from torchao by up to {(a - b).abs().max().item():.3g}"
+
+
+# --- the blockwise recipe against an independent reference (ml_dtypes) --------------------------
+
+def blockwise_reference(x: torch.Tensor, rows: int, cols: int) -> torch.Tensor:
+    """``x`` (2-D, float32) quantized to E4M3 in rows × cols tiles and dequantized, in NumPy with ml_dtypes."""
+    import numpy as np
+
+    ml_dtypes = pytest.importorskip("ml_dtypes")
+    a = x.detach().numpy().astype(np.float32)
+    m, k = a.shape
+    tiles = a.reshape(m // rows, rows, k // cols, cols)
+    amax = np.abs(tiles).max(axis=(1, 3), keepdims=True).astype(np.float64)
+    f32 = np.finfo(np.float32)
+    scale = np.minimum(448.0 / np.maximum(amax, f32.tiny), f32.max).astype(np.float32)  # an all-zero tile: the largest finite scale
+    scaled = np.clip(tiles * scale, -448.0, 448.0)  # float32 product, then saturate
+    codes = scaled.astype(ml_dtypes.float8_e4m3fn).astype(np.float32)
+    return torch.from_numpy((codes / scale).reshape(m, k))
+
+
+def test_blockwise_quantizer_equals_ml_dtypes_reference():
+    x = activations(256, 384, spread=20)
+    x[3, :128] = 0.0  # an all-zero tile
+    for block in ((1, 128), (128, 128)):
+        ours = fp8.quantize_blockwise(x, block).dequantize()
+        assert torch.equal(ours, blockwise_reference(x, *block)), f"blockwise {block} differs from the ml_dtypes reference"
+
+
+@pytest.mark.parametrize("shape", [(256, 256, 128), (2, 128, 128, 256)])  # (M, K, N) and a 3-D input (B, T, K, N)
+def test_blockwise_linear_equals_the_ml_dtypes_reference(shape):
+    """The ``blockwise`` recipe's three products, each operand cast as DeepSeek-V3 casts it: 1×128
+    tiles along K for activations and output gradients, 128×128 for the weight; in the weight
+    gradient's product the output gradient and the input are tiled along the tokens (their K)."""
+    torch.manual_seed(0)
+    *lead, k, n = shape
+    layer = torch.nn.Linear(k, n)
+    x = activations(math.prod(lead), k).reshape(*lead, k)
+    grad_out = torch.randn(*lead, n) * 1e-3
+    ours = fp8.Float8Linear.from_float(copy.deepcopy(layer), fp8.Float8LinearConfig.from_recipe_name("blockwise"))
+    inp = x.detach().clone().requires_grad_(True)
+    out = ours(inp)
+    out.backward(grad_out)
+
+    x2, g2, w = x.reshape(-1, k), grad_out.reshape(-1, n), layer.weight.detach()
+    expected = {
+        "output": (blockwise_reference(x2, 1, 128) @ blockwise_reference(w, 128, 128).t() + layer.bias.detach()).reshape(*lead, n),
+        "grad_input": (blockwise_reference(g2, 1, 128) @ blockwise_reference(w, 128, 128)).reshape(*lead, k),
+        "grad_weight": blockwise_reference(g2.t().contiguous(), 1, 128) @ blockwise_reference(x2.t().contiguous(), 1, 128).t(),
+    }
+    for name, got in (("output", out.detach()), ("grad_input", inp.grad), ("grad_weight", ours.weight.grad)):
+        want = expected[name]
+        assert torch.equal(got, want), f"blockwise: {name} differs from the reference by up to {(got - want).abs().max().item():.3g}"

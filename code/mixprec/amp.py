@@ -259,11 +259,13 @@ class Policy:
         if self.update_rounding is not None:
             # BF16AdamW keeps FP32 moments (8 bytes); Kahan adds a BF16 compensation buffer
             return {"weights": low, "grads": low, "optimizer": 8 + (2 if self.update_rounding == "kahan" else 0), "autocast_cache": 0}
+        # autocast's cache: the low-precision copy of each weight a matmul casts, alive through the step;
+        # counted for every parameter, an upper bound (embeddings and LayerNorm weights are never cast).
+        # FP8 linears add nothing that lives through the step: torchao's Float8Linear and mixprec's save the
+        # high-precision input and weight and cast them again in the backward, so each FP8 copy (and its
+        # scales) is transient, one layer at a time. Under BF16 autocast the layers left in high precision
+        # (the tied output layer) are cached like bf16-amp's, which this upper bound covers.
         cache = {None: 0, torch.float16: 2, torch.bfloat16: 2}[self.autocast_dtype]
-        if self.fp8:
-            # the FP8 copy of each linear weight made for the forward pass, and its scales: one E8M0 byte
-            # per 32 values (mxfp8), one FP32 per 128×128 block; per tensor or per row (4/K bytes) is negligible
-            cache = 1 + {"mxfp8": 1 / 32, "blockwise": 4 / 128**2}.get(self.fp8, 0)
         return {"weights": 4, "grads": 4, "optimizer": 8, "autocast_cache": cache}
 
 

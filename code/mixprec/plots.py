@@ -186,7 +186,7 @@ def shade_zones(ax, fmt="fp16", left: float = -48.0, right: float = 20.0, normal
     fmt = get_format(fmt)
     edges = zone_edges(fmt)
     spans = {
-        "flushed": (left, edges["flushed_below"], label(f"{fmt.name} 中冲刷为零", f"flushed to 0 in {fmt.name}")),
+        "flushed": (left, edges["flushed_below"], label(f"{fmt.name} 中下溢为零", f"underflows to 0 in {fmt.name}")),
         "subnormal": (edges["flushed_below"], edges["normal_from"], label("次正规数", "subnormal")),
         "normal": (edges["normal_from"], edges["overflow_from"], label("正规数", "normal")),
         "overflow": (edges["overflow_from"], right, label("上溢", "overflow")),

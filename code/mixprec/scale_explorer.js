@@ -27,7 +27,7 @@ var MixprecScale = (function () {
   }
 
   var COLORS = { flushed: "#c0392b", subnormal: "#e67e22", normal: "#2e8b3a", overflow: "#7d3c98" };
-  var NAMES = { zero: "本来就是 0", flushed: "下溢为 0", subnormal: "次正规数（丢位）", normal: "正规数", overflow: "上溢（inf/NaN）" };
+  var NAMES = { zero: "本来就是 0", flushed: "下溢为零", subnormal: "次正规数（丢位）", normal: "正规数", overflow: "上溢（inf/NaN）" };
 
   function svg(data, log2scale) {
     var W = 640, H = 170, pad = 30;
