@@ -37,8 +37,11 @@ class InferenceModel:
             yield
 
 
-def for_inference(model: torch.nn.Module, precision: str = "fp32") -> InferenceModel:
-    """``model`` prepared for inference at ``precision``; the caller's model is never modified.
+def for_inference(model: torch.nn.Module, precision: str | None = None) -> InferenceModel:
+    """``model`` prepared for inference at ``precision`` (default ``fp32``); the caller's model is never modified.
+
+    An ``InferenceModel`` is returned as it is when ``precision`` is ``None`` or its own precision;
+    another precision is refused (it was prepared once: converting it again would stack conversions).
 
     ``fp16``/``bf16``: a copy with all weights converted (pure low precision).
     ``fp16-amp``/``bf16-amp`` (and their ``:native``/``:cpu-lists`` variants): the model itself, run
@@ -48,7 +51,12 @@ def for_inference(model: torch.nn.Module, precision: str = "fp32") -> InferenceM
     ``round-all:<format>``: the model itself, every op result rounded to the format.
     """
     if isinstance(model, InferenceModel):
-        return model
+        if precision is None or precision == model.precision:
+            return model
+        raise ValueError(f"this model is already prepared for inference at {model.precision!r}, not {precision!r}: "
+                         f"prepare the original model with for_inference(model, {precision!r}), or leave precision out")
+    if precision is None:
+        precision = "fp32"
     if not isinstance(precision, str):
         raise TypeError(f"precision must be a string, one of {', '.join(INFERENCE_PRECISIONS)}; got {type(precision).__name__}")
     if precision == "fp32":
@@ -105,12 +113,13 @@ def check_context(model, prompt_tokens: int, max_new_tokens: int) -> None:
                          f"context window of {n_positions} positions: {fix}")
 
 
-def generate(model, tokenizer, prompt: str, precision: str = "fp32", seed: int = 0, max_new_tokens: int = 100, greedy: bool = False,
+def generate(model, tokenizer, prompt: str, precision: str | None = None, seed: int = 0, max_new_tokens: int = 100, greedy: bool = False,
              temperature: float = 1.0, top_k: int | None = None) -> Generation:
     """Continue ``prompt`` with ``model.generate`` (KV cache on) at ``precision``; stops at EOS.
 
     Sampling is seeded with ``seed`` without disturbing the caller's random state. ``model`` may
-    be an ``InferenceModel`` from ``for_inference`` to avoid copying it on every call. Only tokens
+    be an ``InferenceModel`` from ``for_inference`` to avoid copying it on every call (``precision``
+    then defaults to its own; another one is refused), else ``precision`` defaults to ``fp32``. Only tokens
     actually generated are counted, not padding after EOS.
     """
     if not isinstance(prompt, str):
