@@ -9,6 +9,7 @@ from __future__ import annotations
 import html
 import json
 import math
+import re
 import uuid
 from importlib import resources
 
@@ -28,6 +29,15 @@ _STYLE = """
 #{id} .mp-status {{ color: #555; font-size: 0.9em; margin-left: 0.8em; }}
 #{id} .mp-name {{ font-weight: 600; }}
 """
+
+
+_MARKDOWN_SPECIAL = re.compile(r"([!-/:-@\[-`{-~])")  # every ASCII punctuation character: CommonMark lets each be escaped
+
+
+def escape_markdown(text: str) -> str:
+    """``text`` shown literally in Markdown: every ASCII punctuation backslash-escaped (no markup, HTML or
+    entity survives) and line breaks made spaces (no new block starts)."""
+    return _MARKDOWN_SPECIAL.sub(r"\\\1", " ".join(str(text).splitlines()))
 
 
 def script_json(data) -> str:
@@ -75,7 +85,8 @@ class FormatExplorer:
         self.id = "mp-" + uuid.uuid4().hex[:10]
 
     def _repr_markdown_(self) -> str:  # print editions (PDF): no JavaScript there
-        return f"*（交互式格式浏览器，比较 {', '.join(f.name for f in self.formats)}：请在网页版或 Colab 中使用。）*"
+        names = ", ".join(escape_markdown(f.name) for f in self.formats)
+        return f"*（交互式格式浏览器，比较 {names}：请在网页版或 Colab 中使用。）*"
 
     def _repr_html_(self) -> str:
         specs = script_json([format_spec(f) for f in self.formats])
@@ -142,7 +153,7 @@ class LossScaleExplorer:
         self.id = "ms-" + uuid.uuid4().hex[:10]
 
     def _repr_markdown_(self) -> str:  # print editions (PDF): no JavaScript there
-        return f"*（交互式损失缩放浏览器，格式 {self.data['fmt']['name']}：请在网页版或 Colab 中使用。）*"
+        return f"*（交互式损失缩放浏览器，格式 {escape_markdown(self.data['fmt']['name'])}：请在网页版或 Colab 中使用。）*"
 
     def _repr_html_(self) -> str:
         style = (f"#{self.id} {{ font-family: system-ui, sans-serif; margin: 0.5em 0 1em; }} "
