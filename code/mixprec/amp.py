@@ -74,6 +74,12 @@ class Policy:
             raise ValueError(f"fp8 must be None or an FP8 recipe ({', '.join(RECIPES)}), got {self.fp8!r}")
         if self.autocast_dtype not in (None, torch.float16, torch.bfloat16):
             raise ValueError(f"autocast_dtype must be None, torch.float16 or torch.bfloat16, got {self.autocast_dtype!r}")
+        if not isinstance(self.param_dtype, torch.dtype) or not self.param_dtype.is_floating_point:
+            raise ValueError(f"param_dtype must be a floating-point torch dtype (torch.float32, torch.bfloat16...), got {self.param_dtype!r}")
+        if self.update_rounding not in (None, "nearest", "stochastic", "kahan"):
+            raise ValueError(f"update_rounding must be None, 'nearest', 'stochastic' or 'kahan', got {self.update_rounding!r}")
+        if self.round_all is not None and not isinstance(self.round_all, FloatFormat):
+            object.__setattr__(self, "round_all", get_format(self.round_all))  # a name such as "fp16": the format itself
 
     def autocast_mode(self, device: torch.device) -> str | None:
         """How autocast runs on ``device``: ``"native"``, ``"emulate-cuda"``, ``"emulate-cpu"``, or None."""
@@ -151,6 +157,10 @@ class Policy:
         """
         from .scaling import NoLossScaler
 
+        if not (scaler is None or scaler is False or all(callable(getattr(scaler, name, None)) for name in ("scale", "unscale_", "step", "update"))):
+            raise TypeError(f"scaler must be None (the policy's default), False (no scaling) or a loss scaler with the "
+                            f"torch.amp.GradScaler interface (scale, unscale_, step, update), e.g. mixprec.scaling.DynamicLossScaler(); "
+                            f"got {scaler!r} ({type(scaler).__name__})")
         if scaler is False or (scaler is None and not self.uses_scaler):
             return NoLossScaler()
         if scaler is None:
@@ -171,6 +181,9 @@ class Policy:
         if self.update_rounding is not None:
             # BF16AdamW keeps FP32 moments (8 bytes); Kahan adds a BF16 compensation buffer
             return {"weights": low, "grads": low, "optimizer": 8 + (2 if self.update_rounding == "kahan" else 0), "autocast_cache": 0}
+        if self.param_dtype != torch.float32:  # prepare() converts the model; torch's AdamW keeps its moments in that dtype
+            cache = 2 if self.autocast_dtype is not None and self.autocast_dtype != self.param_dtype else 0
+            return {"weights": low, "grads": low, "optimizer": 2 * low, "autocast_cache": cache}
         cache = {None: 0, torch.float16: 2, torch.bfloat16: 2}[self.autocast_dtype]
         if self.fp8:
             # the FP8 copy of each linear weight made for the forward pass, and its scales: one E8M0 byte
@@ -244,6 +257,10 @@ class MasterWeights:
                 p.data = p.data.to(working)
         else:
             self.dtype, self.format = torch.float32, get_format(working)
+            with torch.no_grad():  # frozen ones too: the model computes on the format's grid; only trained ones get masters
+                for p in model.parameters():
+                    if not p.requires_grad and p.is_floating_point():
+                        p.copy_(round_to_format(p.float(), self.format).to(p.dtype))
         self.to_working()
 
     @torch.no_grad()

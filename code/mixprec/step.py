@@ -47,7 +47,10 @@ def train_step(model: torch.nn.Module, inputs, targets, loss_fn: Callable, optim
     ``mixprec.scaling.NoLossScaler``) makes this plain training. ``master``: the ``MasterWeights`` of
     a ``*-master`` or ``round-all`` policy. ``schedule`` advances only when the optimizer really
     stepped. ``after_backward(model)`` runs between backward and unscaling (to plant a fault, say).
+    An empty batch is refused: its loss is NaN and the step would still count.
     """
+    if isinstance(inputs, torch.Tensor) and inputs.dim() > 0 and inputs.shape[0] == 0:
+        raise ValueError(f"train_step needs at least one example; got an empty batch (inputs of shape {tuple(inputs.shape)})")
     loss = forward_backward(model, inputs, targets, loss_fn, policy, device, scaler.scale)
     if after_backward is not None:
         after_backward(model)

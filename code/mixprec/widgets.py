@@ -125,7 +125,12 @@ def scale_histogram(values, fmt: str | FloatFormat = "fp16", width: float = 0.25
     if isinstance(width, bool) or not isinstance(width, (int, float)) or not (width > 0 and math.isfinite(width) and (1 / width).is_integer()):
         raise ValueError(f"width must be 1/k for a whole number k (so bins align with powers of two), got {width!r}")
     edges = zone_edges(fmt)
-    v = torch.as_tensor(values).detach().flatten()
+    try:
+        v = torch.as_tensor(values).detach().flatten()
+    except (TypeError, RuntimeError, ValueError) as error:
+        raise TypeError(f"values must be numbers (a tensor, an array or a list of floats): {error}") from None
+    if v.is_complex() or not (v.is_floating_point() or v.dtype in (torch.int8, torch.int16, torch.int32, torch.int64, torch.uint8)):
+        raise TypeError(f"values must be real numbers, got a {v.dtype} tensor")
     v = (v if v.dtype == torch.float64 else v.float()).abs()
     if v.numel() == 0:
         raise ValueError("values is empty: the loss-scale explorer needs at least one recorded value")
