@@ -153,7 +153,7 @@ def quantize_mx(x: torch.Tensor, fmt: str | FloatFormat = E4M3, block: int = 32,
     if scale_mode == "real":
         raise ValueError("MX scales are powers of two: scale_mode must be 'floor', 'rceil', 'ceil' or 'even'")
     if isinstance(block, bool) or not isinstance(block, int) or block < 1:
-        raise ValueError(f"block must be a positive integer (the MX block size, 32 in the spec), got {block!r}")
+        raise ValueError(f"the MX block size must be a positive integer (the last dimension a multiple of it; 32 in the spec), got {block!r}")
     if x.dim() == 0 or x.shape[-1] % block:
         raise ValueError(f"the last dimension of shape {tuple(x.shape)} is not a multiple of the MX block size {block}")
     blocks = x.detach().float().reshape(*x.shape[:-1], x.shape[-1] // block, block)
