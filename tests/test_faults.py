@@ -1278,3 +1278,19 @@ def test_small_unclear_errors_are_clear():
         scale_histogram([1.0, None])
     with pytest.raises(TypeError, match="real values"):
         formats.zone_fractions(torch.tensor([1 + 1j]))
+
+
+def test_float8_linear_errors_name_the_layer_and_empty_batches_work():
+    """U5: a layer whose out_features does not fit the recipe's blocks fails in the forward, naming the layer's size
+    (not an internal operand in the backward); an empty batch gives nn.Linear's empty result."""
+    from mixprec import fp8
+
+    config = fp8.Float8LinearConfig.from_recipe_name("mxfp8")
+    layer = fp8.convert_to_float8_training(torch.nn.Linear(96, 40), config=config)
+    with pytest.raises(ValueError, match=r"along out_features; this layer \(Linear\(96, 40\)\) has out_features = 40"):
+        layer(torch.randn(32, 96))
+    with torch.no_grad():
+        assert layer(torch.randn(32, 96)).shape == (32, 40)  # inference: no grad-input product
+    for recipe in ("tensorwise", "mxfp8"):
+        empty = fp8.convert_to_float8_training(torch.nn.Linear(32, 32), config=fp8.Float8LinearConfig.from_recipe_name(recipe))
+        assert empty(torch.randn(0, 32)).shape == (0, 32)

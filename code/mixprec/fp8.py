@@ -353,6 +353,17 @@ class Float8Linear(nn.Linear):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         c, tokens = self.config, x.numel() // max(x.shape[-1], 1)
+        if x.numel() == 0:  # an empty batch: nothing to quantize (no amax); nn.Linear's empty result
+            return nn.functional.linear(x, self.weight, self.bias)
+        sizes = {"in_features": (self.in_features, c.cast_config_input.k_multiple, c.cast_config_weight.k_multiple),
+                 "out_features": (self.out_features, c.cast_config_grad_output.k_multiple, c.cast_config_weight_for_grad_input.k_multiple)}
+        for field_name, (size, *multiples) in sizes.items():
+            if field_name == "out_features" and not (torch.is_grad_enabled() and (x.requires_grad or self.weight.requires_grad)):
+                continue  # out_features is the reduction dimension of the grad-input product (computed in every backward)
+            if size % max(multiples):
+                raise ValueError(f"the {c.recipe} recipe quantizes in blocks of {max(multiples)} along {field_name}; this "
+                                 f"layer (Linear({self.in_features}, {self.out_features})) has {field_name} = {size}: keep it in "
+                                 "high precision (module_filter_fn; fp8.fits_recipe tells which layers fit)")
         need = max(c.cast_config_grad_output_for_grad_weight.k_multiple, c.cast_config_input_for_grad_weight.k_multiple)
         if torch.is_grad_enabled() and self.weight.requires_grad and tokens % need:
             raise ValueError(f"the {c.recipe} recipe quantizes the weight gradient's operands in blocks of {need} along the "
