@@ -16,7 +16,6 @@ reuse the execution with ``BOOK_JUPYTER_CACHE=DIR/jupyter_cache jupyter-book bui
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import platform
@@ -28,6 +27,8 @@ import tempfile
 import time
 from datetime import date
 from pathlib import Path
+
+from mixprec import cli
 
 ROOT = Path(__file__).resolve().parents[1]
 CHAPTER_LIMIT_S, BOOK_LIMIT_S = 180, 720
@@ -87,24 +88,38 @@ def chapter_times(cache: Path) -> dict[str, float]:
     return dict(sorted(times.items()))
 
 
+MARKER = "book_budget.marker"  # in every build folder this script made: only such a folder is ever emptied
+
+
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", type=Path, help="build folder (default: a new temporary folder, kept)")
+    parser = cli.Parser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", type=Path,
+                        help=f"build folder: new, empty, or an earlier one of this script (holding {MARKER}), which is emptied "
+                             "(default: a new temporary folder, kept)")
     parser.add_argument("--json", type=Path, help="also write the figures to this file")
-    parser.add_argument("--cells", type=int, default=0, help="print each chapter's N slowest cells")
-    parser.add_argument("--timeout-scale", type=float, default=1.0,
+    parser.add_argument("--cells", type=cli.at_least(0), default=0, help="print each chapter's N slowest cells")
+    parser.add_argument("--timeout-scale", type=cli.positive_float, default=1.0,
                         help="multiply the chapters' execution timeouts (to measure chapters that exceed them)")
     args = parser.parse_args(argv)
+    try:  # everything checked before anything is deleted or built
+        if args.out is not None:
+            cli.check_out_folder(args.out, MARKER)
+        if args.json is not None:
+            cli.check_out_file(args.json, "--json")
+    except cli.UsageError as error:
+        parser.error(str(error))
+    jb = shutil.which("jupyter-book") or sys.exit("jupyter-book is not installed (requirements.txt)")
     out = (args.out or Path(tempfile.mkdtemp(prefix="book_budget_"))).resolve()
-    if out.exists():
-        shutil.rmtree(out)
+    if (out / MARKER).is_file():  # an earlier build of this script: start cold
+        for item in out.iterdir():
+            shutil.rmtree(item) if item.is_dir() and not item.is_symlink() else item.unlink()
+    out.mkdir(parents=True, exist_ok=True)
+    (out / MARKER).write_text("a build folder of bench/book_budget.py: its next run with --out here empties it\n")
     cache, mixprec_cache = out / "jupyter_cache", out / "mixprec_cache"
-    out.mkdir(parents=True)
     timings = out / "cell_timings.jsonl"
     env = {**os.environ, "BOOK_JUPYTER_CACHE": str(cache), "MIXPREC_CACHE": str(mixprec_cache), "BOOK_BUDGET_TIMINGS": str(timings),
            "BOOK_TIMEOUT_SCALE": str(args.timeout_scale)}
     env.pop("BOOK_EXECUTE", None)  # cache mode: the executions are recorded in the (empty) cache
-    jb = shutil.which("jupyter-book") or sys.exit("jupyter-book is not installed (requirements.txt)")
     load_before = os.getloadavg()[0]
     start = time.perf_counter()
     cmd = [sys.executable, "-c", _JB_WITH_TIMING] if args.cells else [jb]
@@ -132,7 +147,7 @@ def main(argv: list[str] | None = None) -> int:
     for name, rows in cells.items():
         print(f"{name}: " + "; ".join(f"line {line} {sec:.1f} s `{first}`" for sec, line, first in rows))
     if args.json:
-        args.json.write_text(json.dumps({"date": str(date.today()), "cores": os.cpu_count(), "chapters": times,
+        cli.write_out_file(args.json, json.dumps({"date": str(date.today()), "cores": os.cpu_count(), "chapters": times,
                                          "executing_s": executed, "wall_s": wall,
                                          "slowest_cells": cells}, indent=1))
     return 0

@@ -11,12 +11,11 @@ emulated BF16 autocast, as on every device.
 
 from __future__ import annotations
 
-import argparse
 import statistics
 import time
 
 import torch
-from mixprec import story
+from mixprec import cli, story
 from mixprec.amp import FP8_POLICIES, get_policy
 from mixprec.step import train_step
 from mixprec.story.train import lm_loss
@@ -25,13 +24,11 @@ POLICIES = ("fp32", "fp16-amp", "bf16-amp", "fp16-amp:cpu-lists", "round-all:fp1
 
 
 def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--steps", type=int, default=10, help="training steps per policy and round")
-    parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds (the median is reported)")
-    parser.add_argument("--policies", nargs="+", default=list(POLICIES))
+    parser = cli.Parser(description=__doc__.splitlines()[0])
+    parser.add_argument("--steps", type=cli.at_least(1), default=10, help="training steps per policy and round")
+    parser.add_argument("--rounds", type=cli.at_least(1), default=3, help="interleaved rounds (the median is reported)")
+    parser.add_argument("--policies", nargs="+", type=cli.training_precision, default=list(POLICIES))
     args = parser.parse_args(argv)
-    if args.steps < 1 or args.rounds < 1:
-        parser.error("--steps and --rounds must be >= 1")
     stories = story.load_stories("offline", n=2000)
     tokenizer = story.train_tokenizer(stories.train)
     data = story.encode(stories, tokenizer)

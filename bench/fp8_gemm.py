@@ -7,16 +7,15 @@ cuBLAS's default (split) accumulation and with use_fast_accum=True, labelled as 
 On a CPU, _scaled_mm is a reference implementation: the numbers show that it runs, not FP8 speed.
 """
 
-import argparse
 import sys
 
 import torch
-from mixprec import hw
+from mixprec import cli, hw
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--sizes", type=int, nargs="+", default=None)
+    parser = cli.Parser(description=__doc__.splitlines()[0])
+    parser.add_argument("--sizes", type=cli.at_least(16), nargs="+", default=None, help="matrix sizes n (>= 16: the FP8 kernels' tile)")
     parser.add_argument("--record", action="store_true", help="GPU only: write fp8_gemm_<device>.json into hw.recorded_dir()")
     args = parser.parse_args()
     if args.record:

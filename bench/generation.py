@@ -5,21 +5,27 @@ writes generation_<device>.json (hw.result_filename) into hw.recorded_dir(), cod
 in a checkout. Tokens/s counts only the tokens each sequence really generated (up to and including EOS).
 """
 
-import argparse
 import sys
 
 import torch
-from mixprec import hw, story
+from mixprec import cli, hw, story
+
+PROMPT = "Once upon a time"
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = cli.Parser(description=__doc__.splitlines()[0])
     parser.add_argument("--size", default="tiny", choices=sorted(story.SIZES))
-    parser.add_argument("--precisions", nargs="+", default=["fp32", "fp16", "bf16"])
-    parser.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 8, 32, 128])
-    parser.add_argument("--new-tokens", type=int, default=128)
+    parser.add_argument("--precisions", nargs="+", type=cli.inference_precision, default=["fp32", "fp16", "bf16"])
+    parser.add_argument("--batch-sizes", type=cli.at_least(1), nargs="+", default=[1, 8, 32, 128])
+    parser.add_argument("--new-tokens", type=cli.at_least(1), default=128)
     parser.add_argument("--record", action="store_true", help="GPU only: write generation_<device>.json into hw.recorded_dir()")
     args = parser.parse_args()
+    prompt_max = len(PROMPT.encode())  # byte-level BPE: at most one token per byte (the exact count needs the tokenizer)
+    n_positions = story.SIZES[args.size].n_positions
+    if args.new_tokens + prompt_max > n_positions:
+        parser.error(f"--new-tokens must be at most {n_positions - prompt_max} for the {args.size} model (context {n_positions}, "
+                     f"prompt {PROMPT!r} up to {prompt_max} tokens), got {args.new_tokens}")
     if args.record:
         try:
             hw.recording_device()  # fail before the run, not after it
@@ -32,7 +38,7 @@ def main() -> None:
     rows = []
     for precision in args.precisions:
         for batch in args.batch_sizes:
-            t = story.time_generation(model, tokenizer, "Once upon a time", precision, batch, args.new_tokens)
+            t = story.time_generation(model, tokenizer, PROMPT, precision, batch, args.new_tokens)
             rows.append({"precision": precision, "batch_size": batch, "seconds": t.seconds, "generated_tokens": t.generated_tokens,
                          "tokens_per_s": t.tokens_per_s, "latency_per_token_s": t.latency_per_token, "peak_memory_bytes": t.peak_memory,
                          "weight_bytes": t.weight_bytes})

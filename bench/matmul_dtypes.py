@@ -4,16 +4,15 @@ Run: `python bench/matmul_dtypes.py` (prints) or `python bench/matmul_dtypes.py 
 writes matmul_<device>.json (hw.result_filename) into hw.recorded_dir(), code/mixprec/data/gpu/ in a checkout.
 """
 
-import argparse
 import sys
 
 import torch
-from mixprec import hw
+from mixprec import cli, hw
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--sizes", type=int, nargs="+", default=None)
+    parser = cli.Parser(description=__doc__.splitlines()[0])
+    parser.add_argument("--sizes", type=cli.at_least(1), nargs="+", default=None, help="matrix sizes n (n x n times n x n)")
     parser.add_argument("--record", action="store_true", help="GPU only: write matmul_<device>.json into hw.recorded_dir()")
     args = parser.parse_args()
     if args.record:

@@ -11,12 +11,10 @@ loops) by roughly a third; compare cells with each other, and use ``bench/book_b
 
 from __future__ import annotations
 
-import argparse
 import cProfile
 import io
 import os
 import pstats
-import re
 import sys
 import time
 import types
@@ -25,20 +23,25 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tools"))
 from execute_chapters import CELL_START, code_cells  # noqa: E402
+from mixprec import cli  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = cli.Parser(description=__doc__.splitlines()[0])
     parser.add_argument("chapter", type=Path)
-    parser.add_argument("--top", type=int, default=8, help="calls shown per slow cell")
-    parser.add_argument("--min-seconds", type=float, default=5.0, help="profile details for cells slower than this")
-    parser.add_argument("--calls", default=r"mixprec|torch/(nn|optim|autograd|_tensor)|transformers",
+    parser.add_argument("--top", type=cli.at_least(1), default=8, help="calls shown per slow cell")
+    parser.add_argument("--min-seconds", type=cli.non_negative_float, default=5.0, help="profile details for cells slower than this")
+    parser.add_argument("--calls", type=cli.regex, default=r"mixprec|torch/(nn|optim|autograd|_tensor)|transformers",
                         help="regular expression on file paths of the calls to show")
     args = parser.parse_args(argv)
     chapter = args.chapter.resolve()
+    if not chapter.is_file():
+        parser.error(f"no such chapter: {str(args.chapter)!r} (give a book/NN_*.md file)")
     text = chapter.read_text(encoding="utf-8")
     lines = [i + 1 for i, line in enumerate(text.splitlines()) if CELL_START.match(line)]
     cells = code_cells(text)
+    if not cells:
+        parser.error(f"{str(args.chapter)!r} has no {{code-cell}} blocks: not a chapter")
 
     stub = types.ModuleType("myst_nb")
     stub.glue = lambda name, variable, display=True: None
@@ -48,7 +51,7 @@ def main(argv: list[str] | None = None) -> int:
     from IPython.core.interactiveshell import InteractiveShell
 
     shell = InteractiveShell.instance()
-    wanted = re.compile(args.calls)
+    wanted = args.calls
     total = 0.0
     print(f"{chapter.name}: {len(cells)} code cells, MIXPREC_CACHE={os.environ.get('MIXPREC_CACHE', '(default)')}, "
           f"load average {os.getloadavg()[0]:.1f}")

@@ -7,22 +7,21 @@ reference and the fused `torch.compile` kernel (`impl="compiled"`, opt-in in the
 Run with `python bench/round_to_format_speed.py [--device cuda] [--n 16777216] [--no-compiled]`.
 """
 
-import argparse
 import platform
 import time
 
 import torch
-from mixprec import hw
+from mixprec import cli, hw
 from mixprec.formats import compiled_rounding_status, round_to_format
 
 FORMATS = ["fp16", "bf16", "e4m3fn", "e5m2", "tf32"]
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--n", type=int, default=16 * 2**20)
-    parser.add_argument("--device", default="cpu")
-    parser.add_argument("--repeat", type=int, default=7)
+    parser = cli.Parser(description=__doc__.splitlines()[0])
+    parser.add_argument("--n", type=cli.at_least(1), default=16 * 2**20, help="elements rounded per call")
+    parser.add_argument("--device", type=cli.device, default="cpu")
+    parser.add_argument("--repeat", type=cli.at_least(1), default=7)
     parser.add_argument("--no-compiled", action="store_true", help="only the eager path")
     args = parser.parse_args()
 

@@ -6,20 +6,19 @@ Goal (2-core CPU, 60 s): validation loss clearly below the corpus's unigram entr
 ignores context), and sampled stories with a mean grammar score of at least 0.8.
 """
 
-import argparse
 import statistics
 import time
 
 import torch
-from mixprec import hw
+from mixprec import cli, hw
 from mixprec.story import SIZES, build_model, encode, generate, grammar_score, load_stories, train, train_tokenizer, unigram_entropy
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--seconds", type=float, default=60.0, help="training budget (the step count is calibrated to it)")
-    parser.add_argument("--precision", default="fp32")
-    parser.add_argument("--samples", type=int, default=20)
+    parser = cli.Parser(description=__doc__.splitlines()[0])
+    parser.add_argument("--seconds", type=cli.positive_float, default=60.0, help="training budget (the step count is calibrated to it)")
+    parser.add_argument("--precision", type=cli.training_precision, default="fp32")
+    parser.add_argument("--samples", type=cli.at_least(1), default=20, help="stories sampled and scored after training")
     args = parser.parse_args()
 
     stories = load_stories("offline")

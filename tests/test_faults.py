@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -954,3 +955,443 @@ def test_inspector_labels_data_dependent_ops_truthfully():
         torch.repeat_interleave(x[0], torch.arange(8))
     categories = {r.name: r.category for r in seen.records if r.name in ("masked_select", "unique", "repeat_interleave")}
     assert categories == {"masked_select": "unknown", "unique": "unknown", "repeat_interleave": "unknown"}
+
+# ==== branch reliability2: the second reliability pass (../shared/reviews/reliability-2026-12.md) ==============
+# One test per finding class; each names the findings (D = data loss, S = silent wrong result, C = crash,
+# U = unclear error, X = security) it covers.
+
+
+def _load_script(path: Path, name: str):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_book_budget_out_never_deletes_what_it_did_not_create(tmp_path, monkeypatch, capsys):
+    """D1: --out of a folder with other content (or a file) is refused in one line, before anything is deleted."""
+    budget = _load_script(ROOT / "bench" / "book_budget.py", "book_budget_under_test")
+    monkeypatch.setattr(budget.shutil, "which", lambda name: None)  # never start a real book build from a test
+    mine = tmp_path / "my-results"
+    mine.mkdir()
+    (mine / "precious.txt").write_text("data")
+    (tmp_path / "a-file").write_text("x")
+    for out, message in ((mine, "folder with other content"), (tmp_path / "a-file", "is a file, not a folder")):
+        with pytest.raises(SystemExit) as exit_info:
+            budget.main(["--out", str(out)])
+        err = capsys.readouterr().err.strip()
+        assert exit_info.value.code == 2 and len(err.splitlines()) == 1 and message in err, err
+    assert (mine / "precious.txt").read_text() == "data" and (tmp_path / "a-file").read_text() == "x"
+    earlier = tmp_path / "earlier"  # an earlier build of the script (its marker) is accepted; an empty folder too
+    earlier.mkdir()
+    (earlier / budget.MARKER).write_text("")
+    for out in (earlier, tmp_path / "new"):
+        with pytest.raises(SystemExit, match="jupyter-book is not installed"):
+            budget.main(["--out", str(out)])
+
+
+def test_out_file_never_replaces_a_symlink_fifo_or_device(tmp_path, monkeypatch, capsys):
+    """D2: --out through a symlink writes the link's target; a FIFO or a device node is refused before any work."""
+    from mixprec import bench, cli
+
+    real = tmp_path / "real.json"
+    real.write_text("old")
+    link = tmp_path / "r.json"
+    link.symlink_to(real)
+    cli.check_out_file(link)
+    cli.write_out_file(link, "new")
+    assert link.is_symlink() and real.read_text() == "new"
+    fifo = tmp_path / "pipe"
+    os.mkfifo(fifo)
+    nodes = [fifo]
+    if os.geteuid() == 0:  # a character device like /dev/null, made here, never the real one
+        os.mknod(tmp_path / "null", 0o666 | __import__("stat").S_IFCHR, os.makedev(1, 3))
+        nodes.append(tmp_path / "null")
+    monkeypatch.setattr(bench, "load_stories", lambda *a, **k: pytest.fail("work started before the arguments were checked"))
+    for node in nodes:
+        with pytest.raises(SystemExit) as exit_info:
+            bench.main(["train", "--steps", "1", "--out", str(node)])
+        err = capsys.readouterr().err.strip()
+        assert exit_info.value.code == 2 and "not a regular file" in err and len(err.splitlines()) == 1, err
+        assert not node.is_file()  # still the node it was
+
+
+def test_cache_clear_leaves_a_running_writers_work(tmp_path, monkeypatch, capsys):
+    """C1: `clear` and `verify` while a writer builds: the writer's temporary folder stays, and verify says it is in progress."""
+    monkeypatch.setenv("MIXPREC_CACHE", str(tmp_path))
+    entry = mcache.cache_key("demo", n=1)
+    tmp = tmp_path / f".tmp-{entry.name}-abc123_x"
+    tmp.mkdir()
+    (tmp / "b.bin").write_bytes(b"half")
+    dead = tmp_path / ".tmp-demo-0123456789abcdef-zz"  # left by a killed writer: nobody holds its lock
+    dead.mkdir()
+    with mcache._lock(entry):  # a live writer of this key
+        assert mcache.main(["verify"]) == 0
+        assert "being built now" in capsys.readouterr().out
+        assert mcache.main(["clear"]) == 0
+        out = capsys.readouterr().out
+        assert (tmp / "b.bin").read_bytes() == b"half" and "in use" in out and entry.name in out
+    assert not dead.exists()
+    assert mcache.main(["clear"]) == 0 and not tmp.exists()  # once the writer is done, clear removes it
+
+
+def test_cache_key_holds_dependency_versions_and_the_manifest_key_is_checked(tmp_path, monkeypatch):
+    """S7: other torch/transformers/tokenizers versions give another key; S8: an entry copied to another key's name is rebuilt."""
+    monkeypatch.setenv("MIXPREC_CACHE", str(tmp_path))
+    versions = mcache.dependency_versions()
+    assert versions["torch"] == torch.__version__ and set(versions) == {"torch", "transformers", "tokenizers"}
+    before = mcache.cache_key("storyteller", size="tiny")
+    for name in versions:
+        monkeypatch.setattr(mcache, "dependency_versions", lambda name=name: {**versions, name: "0.0.1"})
+        assert mcache.cache_key("storyteller", size="tiny") != before, name
+    monkeypatch.undo()
+    monkeypatch.setenv("MIXPREC_CACHE", str(tmp_path))
+    built = []
+
+    def build(lr):
+        def write(directory):
+            built.append(lr)
+            (directory / "lr.txt").write_text(str(lr))
+            return lr
+        return write
+
+    def load(directory):
+        return float((directory / "lr.txt").read_text())
+
+    assert mcache.cached("demo", {"lr": 0.1}, build(0.1), load) == 0.1
+    shutil.copytree(mcache.cache_key("demo", lr=0.1), mcache.cache_key("demo", lr=0.5))  # a manual copy under another key
+    assert mcache.cached("demo", {"lr": 0.5}, build(0.5), load) == 0.5 and built == [0.1, 0.5]
+
+
+def test_mixprec_cache_is_expanded_and_absolute(tmp_path, monkeypatch):
+    """S9: MIXPREC_CACHE='~/...' is under the home folder, a relative one under the cwd of the first use, made absolute."""
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    monkeypatch.setenv("MIXPREC_CACHE", "~/mixcache")
+    monkeypatch.chdir(tmp_path)
+    assert mcache.cache_dir() == tmp_path / "home" / "mixcache" and not (tmp_path / "~").exists()
+    monkeypatch.setenv("MIXPREC_CACHE", "rel")
+    assert mcache.cache_dir() == tmp_path / "rel" and mcache.cache_dir().is_absolute()
+
+
+def test_read_only_cache_builds_without_caching_and_ignores_hidden_files(tmp_path, monkeypatch, capsys):
+    """U1: a cache that cannot be written serves its entries, and builds a missing one uncached (one line, no OSError);
+    U3: .DS_Store or .ipynb_checkpoints inside an entry are not damage."""
+    monkeypatch.setenv("MIXPREC_CACHE", str(tmp_path))
+
+    def build(directory):
+        (directory / "v.txt").write_text("1")
+        return 1
+
+    assert mcache.cached("demo", {"n": 1}, build, lambda d: int((d / "v.txt").read_text())) == 1
+    entry = mcache.cache_key("demo", n=1)
+    (entry / ".DS_Store").write_bytes(b"\0")
+    (entry / ".ipynb_checkpoints").mkdir()
+    (entry / ".ipynb_checkpoints" / "v-checkpoint.txt").write_text("1")
+    assert mcache.verify(entry) is None
+    real_access = os.access
+    monkeypatch.setattr(mcache.os, "access", lambda path, mode, **k: False if Path(path) == tmp_path else real_access(path, mode, **k))
+    assert mcache.cached("demo", {"n": 1}, lambda d: pytest.fail("rebuilt"), lambda d: int((d / "v.txt").read_text())) == 1
+    assert mcache.cached("demo", {"n": 2}, build, lambda d: pytest.fail("loaded")) == 1
+    err = capsys.readouterr().err
+    assert "cannot be written" in err and "without caching" in err and not mcache.cache_key("demo", n=2).exists()
+
+
+def _chapter(tmp_path: Path, name: str, body: str) -> Path:
+    path = tmp_path / name
+    path.write_text(f"# t\n\n```{{code-cell}} ipython3\n{body}\n```\n", encoding="utf-8")
+    return path
+
+
+def test_execute_chapters_never_reports_a_stale_or_empty_run_as_ok(tmp_path, capsys):
+    """S10: a killed child's chapter is FAIL even with an earlier run's report there; S11: a file without code cells
+    is refused; U11, C3: --timeout <= 0 and --out <a file> are one-line errors before any chapter runs."""
+    tool = _load_script(ROOT / "tools" / "execute_chapters.py", "execute_chapters_under_test")
+    out = tmp_path / "out"
+    out.mkdir()
+    slow = _chapter(tmp_path, "01_slow.md", "import time\ntime.sleep(60)")
+    (out / "01_slow.json").write_text(json.dumps({"chapter": "01_slow.md", "ok": True, "error": None, "cells": 99, "seconds": 1.0, "glue": {}}))
+    assert tool.main([str(slow), "--out", str(out), "--timeout", "1"]) == 1
+    assert "FAIL 01_slow.md" in capsys.readouterr().out and not (out / "01_slow.json").exists()
+    (tmp_path / "notes.md").write_text("# no code here\n")
+    (tmp_path / "a-file").write_text("x")
+    for argv, message in (([str(tmp_path / "notes.md"), "--out", str(out)], "no {code-cell} blocks"),
+                          ([str(slow), "--out", str(out), "--timeout", "-5"], "--timeout: must be a finite number"),
+                          ([str(slow), "--out", str(tmp_path / "a-file")], "is a file, not a folder")):
+        with pytest.raises(SystemExit) as exit_info:
+            tool.main(argv)
+        err = capsys.readouterr().err.strip()
+        assert exit_info.value.code == 2 and len(err.splitlines()) == 1 and message in err, err
+
+
+BAD_SCRIPTS = {
+    "storyteller-samples": ("storyteller_cpu.py", ["--samples", "0"], "--samples: must be >= 1, got 0"),
+    "storyteller-seconds": ("storyteller_cpu.py", ["--seconds", "nan"], "--seconds: must be a finite number > 0"),
+    "storyteller-precision": ("storyteller_cpu.py", ["--precision", "fp17"], "unknown precision 'fp17'; valid: fp32"),
+    "emulated-policies": ("emulated_amp_speed.py", ["--policies", "fp32", "fp17"], "unknown precision 'fp17'"),
+    "generation-precisions": ("generation.py", ["--precisions", "fp32", "fp17"], "unknown inference precision 'fp17'"),
+    "generation-batch": ("generation.py", ["--batch-sizes", "0"], "--batch-sizes: must be >= 1"),
+    "generation-new-tokens": ("generation.py", ["--new-tokens", "300"], "--new-tokens must be at most 240"),
+    "rounding-repeat": ("round_to_format_speed.py", ["--repeat", "0"], "--repeat: must be >= 1"),
+    "rounding-n": ("round_to_format_speed.py", ["--n", "-1"], "--n: must be >= 1"),
+    "rounding-device": ("round_to_format_speed.py", ["--device", "cuda:99"], "is not available on this machine"),
+    "matmul-sizes": ("matmul_dtypes.py", ["--sizes", "-8"], "--sizes: must be >= 1, got -8"),
+    "fp8-sizes": ("fp8_gemm.py", ["--sizes", "0"], "--sizes: must be >= 16"),
+    "profile-missing": ("profile_chapter.py", ["nosuch.md"], "no such chapter: 'nosuch.md'"),
+    "profile-top": ("profile_chapter.py", ["README.md", "--top", "0"], "--top: must be >= 1"),
+    "budget-scale": ("book_budget.py", ["--timeout-scale", "0"], "--timeout-scale: must be a finite number > 0"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_SCRIPTS))
+def test_bench_scripts_validate_arguments_before_any_work(case, monkeypatch, capsys):
+    """C3: every bench/ script checks its arguments first: one line naming the value (and the valid choices), exit 2."""
+    from mixprec import story
+
+    script, argv, message = BAD_SCRIPTS[case]
+    module = _load_script(ROOT / "bench" / script, "bench_" + script.removesuffix(".py"))
+    work = lambda *a, **k: pytest.fail("work started before the arguments were checked")  # noqa: E731
+    for name in ("load_stories", "storyteller", "train_tokenizer", "train"):
+        monkeypatch.setattr(story, name, work)
+        if hasattr(module, name):
+            monkeypatch.setattr(module, name, work)
+    monkeypatch.setattr(shutil, "which", lambda name: None)  # never a real book build from a test
+    monkeypatch.setattr(sys, "argv", [script, *argv])
+    with pytest.raises(SystemExit) as exit_info:
+        module.main(argv) if script in ("emulated_amp_speed.py", "profile_chapter.py", "book_budget.py") else module.main()
+    err = capsys.readouterr().err.strip()
+    assert exit_info.value.code == 2 and len(err.splitlines()) == 1 and message in err and "Traceback" not in err, err
+
+
+def test_bench_train_too_few_tokens_is_one_line(tmp_path, monkeypatch, capsys):
+    """C2: --stories 20 --block-size 256 is refused in one line once the stream length is known, before any training step."""
+    from mixprec import bench
+
+    monkeypatch.setenv("MIXPREC_CACHE", str(tmp_path))
+    monkeypatch.setattr(bench, "train", lambda *a, **k: pytest.fail("training started"))
+    with pytest.raises(SystemExit) as exit_info:
+        bench.main(["train", "--stories", "20", "--block-size", "256", "--steps", "1", "--quiet"])
+    err = capsys.readouterr().err.strip()
+    assert exit_info.value.code == 2 and len(err.splitlines()) == 1 and "--block-size 256 is too long for --stories 20" in err, err
+
+
+def test_prepared_inference_model_keeps_or_refuses_its_precision(tiny_lm):
+    """S3: a precision asked of an InferenceModel is its own (kept) or refused, never relabelled."""
+    from mixprec import story
+
+    model, tokenizer = tiny_lm
+    prepared = story.for_inference(model, "fp32")
+    assert story.for_inference(prepared) is prepared and story.for_inference(prepared, "fp32") is prepared
+    with pytest.raises(ValueError, match="already prepared for inference at 'fp32', not 'bf16'"):
+        story.for_inference(prepared, "bf16")
+    with pytest.raises(ValueError, match="already prepared"):
+        story.generate(prepared, tokenizer, "Once", precision="bf16", max_new_tokens=2)
+    with pytest.raises(ValueError, match="already prepared"):
+        story.time_generation(prepared, tokenizer, "Once", precision="bf16", max_new_tokens=2, repeat=1)
+    bf16 = story.for_inference(model, "bf16")
+    timing = story.time_generation(bf16, tokenizer, "Once", max_new_tokens=2, repeat=1)
+    assert timing.precision == "bf16" and timing.weight_bytes == sum(p.numel() * 2 for p in model.parameters())
+    assert len(story.generate(bf16, tokenizer, "Once", max_new_tokens=2, greedy=True).token_ids) >= 1  # its own precision
+
+
+def test_kahan_checker_passes_only_a_compensated_sum_held_in_the_dtype():
+    """S1 (row 10): torch's .sum() (FP32 accumulator), an FP32 or exact sum rounded at the end, a pairwise sum and
+    a Kahan sum in FP32 are all refused; the Kahan sum with sum and compensation in the dtype passes."""
+    from mixprec import exercises as ex
+    from mixprec.summation import running_sum
+
+    def pairwise(v, d):
+        x = v.to(d)
+        while x.numel() > 1:
+            x = torch.cat([x, torch.zeros(x.numel() % 2, dtype=d)])
+            x = x[0::2] + x[1::2]
+        return float(x[0])
+
+    wrong = {"torch .sum()": lambda v, d: float(v.to(d).sum()), "fp32 then round": lambda v, d: float(v.sum().to(d)),
+             "exact then round": lambda v, d: float(torch.tensor(float(v.double().sum())).to(d)), "pairwise": pairwise,
+             "kahan in fp32": lambda v, d: float(torch.tensor(float(running_sum(v, torch.float32, "kahan")[-1])).to(d))}
+    for name, fn in wrong.items():
+        result = ex.check_kahan_sum(fn)
+        assert not result and str(result).startswith("✘"), name
+
+    def my_kahan(values, dtype):  # the chapter's solution
+        s, c = torch.zeros((), dtype=dtype), torch.zeros((), dtype=dtype)
+        for v in values.to(dtype):
+            y = v - c
+            t = s + y
+            c = (t - s) - y
+            s = t
+        return float(s)
+
+    assert ex.check_kahan_sum(my_kahan)
+
+
+def test_checkers_never_raise_on_any_answer():
+    """C5 (row 26): amax beyond float32, a meta tensor (as an answer or from the reader's function), huge ints."""
+    from mixprec import exercises as ex
+
+    meta = torch.empty(1, device="meta")
+    odd = [1e39, -1e39, 10**400, meta, torch.tensor(1e39), complex(1, 1)]
+    calls = [lambda a: ex.check_mx_block(a, 448.0), lambda a: ex.check_mx_block(1.0, a),
+             lambda a: ex.check_format_limits("fp16", max=a, min_normal=a, min_subnormal=a, eps=a),
+             lambda a: ex.check_memory("fp32", a, weights=1, grads=1, optimizer=1),
+             lambda a: ex.check_memory("fp32", 10, weights=a, grads=a, optimizer=a), lambda a: ex.check_smallest_update("bf16", a, a),
+             lambda a: ex.check_tokens_per_second(lambda t, e, s: a), lambda a: ex.check_kahan_sum(lambda v, d: a)]
+    for call in calls:
+        for answer in odd:
+            result = call(answer)
+            assert isinstance(result, ex.CheckResult) and not result and result.messages, (answer, result)
+    result = ex.check_round_to_fp16(lambda x: torch.empty_like(x, device="meta"))
+    assert not result and "读不出数值" in result.messages[-1]
+
+
+def test_markdown_reprs_escape_markup():
+    """X1: names from code are literal text in the Markdown reprs, as in the HTML ones."""
+    from mixprec.exercises import CheckResult
+    from mixprec.formats import FloatFormat
+    from mixprec.widgets import LossScaleExplorer, escape_markdown, format_explorer
+
+    evil = "<img src=x onerror=alert(1)>"
+    fmt = FloatFormat(evil, 5, 2, 15)
+    for text in (format_explorer("1", formats=(fmt,))._repr_markdown_(), LossScaleExplorer([1.0, 2.0], fmt)._repr_markdown_(),
+                 CheckResult(False, [evil + " `x` [a](b)\n# heading"])._repr_markdown_()):
+        assert "\\<img" in text and not re.search(r"(?<!\\)[<>`\[\]]", text) and "\n#" not in text, text
+    assert escape_markdown("1.5e-3 *a*") == "1\\.5e\\-3 \\*a\\*"
+
+
+def test_float8_conversion_converts_a_root_linear():
+    """S5: convert_to_float8_training(nn.Linear) returns the converted layer, as torchao's does; a filter can keep it."""
+    from mixprec.fp8 import Float8Linear, convert_to_float8_training
+
+    layer = torch.nn.Linear(32, 32)
+    assert isinstance(convert_to_float8_training(layer), Float8Linear)
+    assert convert_to_float8_training(layer, module_filter_fn=lambda mod, fqn: False) is layer
+    model = torch.nn.Sequential(torch.nn.Linear(32, 32))
+    assert convert_to_float8_training(model) is model and isinstance(model[0], Float8Linear)
+
+
+def test_round_all_master_weights_put_frozen_weights_on_the_grid():
+    """S12 (row 33): MasterWeights(model, <format>) rounds a frozen weight too (the model computes on the grid)."""
+    from mixprec.amp import MasterWeights
+    from mixprec.formats import round_to_format
+
+    model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.Linear(4, 2))
+    with torch.no_grad():
+        model[0].weight.fill_(0.1)
+    model[0].weight.requires_grad_(False)
+    master = MasterWeights(model, "e4m3fn")
+    assert float(model[0].weight[0, 0]) == 0.1015625 and len(master.master) == 3
+    for p in model.parameters():
+        assert torch.equal(p, round_to_format(p, "e4m3fn"))
+
+
+def test_policy_fields_are_checked_and_counted():
+    """C8: round_all given by name works; U7: a non-float param_dtype or unknown update_rounding is refused at once;
+    S13: param_dtype without masters counts its own bytes; U8: a scaler given as a string is refused."""
+    from mixprec.amp import Policy, get_policy
+
+    assert Policy("x", round_all="fp16", master_weights=True).bytes_per_parameter()["weights"] == 6
+    with pytest.raises(ValueError, match="param_dtype must be a floating-point"):
+        Policy("x", param_dtype=torch.int8)
+    with pytest.raises(ValueError, match="update_rounding must be None, 'nearest'"):
+        Policy("x", update_rounding="bogus")
+    assert Policy("mine", param_dtype=torch.bfloat16).bytes_per_parameter() == {"weights": 2, "grads": 2, "optimizer": 4, "autocast_cache": 0}
+    assert Policy("mine", param_dtype=torch.float64).bytes_per_parameter()["weights"] == 8
+    with pytest.raises(TypeError, match="scaler must be None .* got 'dynamic'"):
+        get_policy("fp16-amp").scaler("cpu", "dynamic")
+
+
+def _tiny_data(vocab: int = 50):
+    from mixprec.story import TokenData
+
+    g = torch.Generator().manual_seed(0)
+    return TokenData(torch.randint(0, vocab, (3000,), generator=g), torch.randint(0, vocab, (800,), generator=g), vocab)
+
+
+def test_train_refuses_options_that_fail_at_the_end_before_any_step(monkeypatch):
+    """C4: eval_batches=0 is refused before the first step, naming eval_batches; U8: scaler='dynamic' too;
+    S14: train_step refuses an empty batch."""
+    from mixprec import story
+    from mixprec.amp import get_policy
+    from mixprec.scaling import NoLossScaler
+    from mixprec.step import train_step
+
+    monkeypatch.setattr(sys.modules["mixprec.story.train"], "train_step", lambda *a, **k: pytest.fail("a training step ran"))
+    model = story.build_model("tiny", 50)
+    with pytest.raises(ValueError, match="eval_batches must be an integer >= 1"):
+        story.train(model, _tiny_data(), steps=2, batch_size=2, block_size=16, eval_batches=0, progress=False)
+    with pytest.raises(TypeError, match="scaler must be None"):
+        story.train(model, _tiny_data(), steps=2, batch_size=2, block_size=16, scaler="dynamic", progress=False)
+    linear = torch.nn.Linear(4, 1)
+    opt = torch.optim.SGD(linear.parameters(), lr=0.1)
+    with pytest.raises(ValueError, match="empty batch"):
+        train_step(linear, torch.zeros(0, 4), torch.zeros(0, 1), lambda o, t: (o - t).pow(2).mean(), opt, get_policy("fp32"),
+                   NoLossScaler(), torch.device("cpu"))
+
+
+def test_storyteller_checks_its_precision_before_any_work(monkeypatch):
+    """U2: an fp8 Policy object is refused like the name; U4: a misspelt precision fails before stories and tokenizer."""
+    from mixprec import story
+    from mixprec.amp import get_policy
+
+    monkeypatch.setattr(story, "load_stories", lambda *a, **k: pytest.fail("work started before the precision was checked"))
+    with pytest.raises(ValueError, match="caches plain GPT-2 checkpoints"):
+        story.storyteller("tiny", precision=get_policy("fp8"))
+    with pytest.raises(ValueError, match="unknown precision 'bf16_amp'"):
+        story.storyteller("tiny", precision="bf16_amp")
+
+
+def test_fp8_scale_and_block_arguments():
+    """C6: scale_from_amax takes a Python number; S16: a negative amax is its magnitude in every mode;
+    C9, U13: non-integer block sizes (1.5, True) are clear errors."""
+    from mixprec.fp8 import quantize_blockwise, quantize_mx, scale_from_amax
+
+    assert float(scale_from_amax(2.0)) == float(scale_from_amax(torch.tensor(2.0))) == 224.0
+    for mode in ("real", "floor", "rceil"):
+        assert torch.equal(scale_from_amax(torch.tensor(-2.0), mode=mode), scale_from_amax(torch.tensor(2.0), mode=mode))
+    with pytest.raises(ValueError, match=r"block must be two positive integers .*\(1.5, 64\)"):
+        quantize_blockwise(torch.ones(2, 128), block=(1.5, 64))
+    with pytest.raises(ValueError, match="MX block size must be a positive integer .* got True"):
+        quantize_mx(torch.ones(2, 32), block=True)
+
+
+def test_small_unclear_errors_are_clear():
+    """C7: ulp(10**400), bias -12345; U6: EmulatedAutocast lists its spellings; U10: 'off'/'False' mean off;
+    U12: load_recorded on a file says so; U14: scale_histogram with None; S18: zone_fractions refuses complex values."""
+    from mixprec import formats, hw
+    from mixprec.emulate import EmulatedAutocast
+    from mixprec.widgets import scale_histogram
+
+    with pytest.raises(ValueError, match="beyond float64's range"):
+        formats.FP16.ulp(10**400)
+    with pytest.raises(ValueError, match="bias must be in"):
+        formats.custom_format(4, 3, bias=-12345)
+    with pytest.raises(ValueError, match="'fp16' or 'bf16', got 'float16'"):
+        EmulatedAutocast("float16")
+    with pytest.MonkeyPatch.context() as patch:
+        for value, on in (("off", False), ("False", False), ("No", False), ("0 ", False), ("disabled", False), ("1", True), ("true", True)):
+            patch.setenv("MIXPREC_COMPILE_ROUNDING", value)
+            assert formats.compiled_rounding_enabled() is on, value
+    with pytest.raises(NotADirectoryError, match="is a file, not a directory"):
+        hw.load_recorded("train_", Path(__file__))
+    with pytest.raises(TypeError, match="values must be numbers"):
+        scale_histogram([1.0, None])
+    with pytest.raises(TypeError, match="real values"):
+        formats.zone_fractions(torch.tensor([1 + 1j]))
+
+
+def test_float8_linear_errors_name_the_layer_and_empty_batches_work():
+    """U5: a layer whose out_features does not fit the recipe's blocks fails in the forward, naming the layer's size
+    (not an internal operand in the backward); an empty batch gives nn.Linear's empty result."""
+    from mixprec import fp8
+
+    config = fp8.Float8LinearConfig.from_recipe_name("mxfp8")
+    layer = fp8.convert_to_float8_training(torch.nn.Linear(96, 40), config=config)
+    with pytest.raises(ValueError, match=r"along out_features; this layer \(Linear\(96, 40\)\) has out_features = 40"):
+        layer(torch.randn(32, 96))
+    with torch.no_grad():
+        assert layer(torch.randn(32, 96)).shape == (32, 40)  # inference: no grad-input product
+    for recipe in ("tensorwise", "mxfp8"):
+        empty = fp8.convert_to_float8_training(torch.nn.Linear(32, 32), config=fp8.Float8LinearConfig.from_recipe_name(recipe))
+        assert empty(torch.randn(0, 32)).shape == (0, 32)

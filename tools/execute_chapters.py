@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import re
 import subprocess
@@ -76,23 +77,49 @@ def _run_one(chapter: Path, out: Path) -> None:
     (out / f"{chapter.stem}.json").write_text(json.dumps(result, ensure_ascii=False, indent=1), encoding="utf-8")
 
 
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str):  # one line, exit 2, no usage block
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
+def _timeout(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not (math.isfinite(value) and value > 0):
+        raise argparse.ArgumentTypeError(f"must be a finite number of seconds > 0, got {text!r}")
+    return value
+
+
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = _Parser(description=__doc__.splitlines()[0])
     parser.add_argument("chapters", nargs="+", type=Path)
-    parser.add_argument("--out", type=Path, required=True)
-    parser.add_argument("--timeout", type=float, default=600, help="seconds per chapter")
+    parser.add_argument("--out", type=Path, required=True, help="folder for <chapter>.json and <chapter>.log (other files are left alone)")
+    parser.add_argument("--timeout", type=_timeout, default=600, help="seconds per chapter")
     parser.add_argument("--parallel", action="store_true", help="run the chapters at the same time (timings then overlap)")
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
-    args.out.mkdir(parents=True, exist_ok=True)
     if args.child:
         _run_one(args.chapters[0].resolve(), args.out.resolve())
         return 0
-    for chapter in args.chapters:
+    for chapter in args.chapters:  # everything checked before any chapter runs
         if not chapter.is_file():
-            parser.error(f"no such chapter: {chapter}")
+            parser.error(f"no such chapter: {str(chapter)!r}")
+        if not code_cells(chapter.read_text(encoding="utf-8", errors="replace")):
+            parser.error(f"{str(chapter)!r} has no {{code-cell}} blocks: not a chapter")
+    stems = [c.stem for c in args.chapters]
+    if len(set(stems)) < len(stems):
+        parser.error(f"two chapters share a name, and so a report: {', '.join(sorted({s for s in stems if stems.count(s) > 1}))}")
+    if args.out.exists() and not args.out.is_dir():
+        parser.error(f"--out {str(args.out)!r} is a file, not a folder")
+    try:
+        args.out.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        parser.error(f"--out {str(args.out)!r}: cannot create the folder ({error.strerror or error})")
 
     def launch(chapter: Path) -> subprocess.Popen:
+        (args.out / f"{chapter.stem}.json").unlink(missing_ok=True)  # an earlier run's report must never pass for this one's
         log = open(args.out / f"{chapter.stem}.log", "w", encoding="utf-8")  # noqa: SIM115 (closed with the process)
         return subprocess.Popen([sys.executable, __file__, str(chapter), "--out", str(args.out), "--child"],
                                 stdout=log, stderr=subprocess.STDOUT)
@@ -109,8 +136,11 @@ def main(argv: list[str] | None = None) -> int:
             proc.kill()
             proc.wait()
         report = args.out / f"{chapter.stem}.json"
-        result = json.loads(report.read_text(encoding="utf-8")) if report.is_file() else None
-        if result is None:
+        try:
+            result = json.loads(report.read_text(encoding="utf-8")) if report.is_file() else None
+        except (OSError, ValueError):  # half-written: the child was killed while writing it
+            result = None
+        if result is None or proc.returncode != 0:  # killed (timeout) or crashed: whatever it wrote does not count
             failed += 1
             print(f"FAIL {chapter.name}: no result (timeout {args.timeout:.0f} s or crash, exit {proc.returncode}); see {chapter.stem}.log")
         elif not result["ok"]:

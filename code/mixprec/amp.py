@@ -91,6 +91,12 @@ class Policy:
             raise ValueError(f"fp8 must be None or an FP8 recipe ({', '.join(RECIPES)}), got {self.fp8!r}")
         if self.autocast_dtype not in (None, torch.float16, torch.bfloat16):
             raise ValueError(f"autocast_dtype must be None, torch.float16 or torch.bfloat16, got {self.autocast_dtype!r}")
+        if not isinstance(self.param_dtype, torch.dtype) or not self.param_dtype.is_floating_point:
+            raise ValueError(f"param_dtype must be a floating-point torch dtype (torch.float32, torch.bfloat16...), got {self.param_dtype!r}")
+        if self.update_rounding not in (None, "nearest", "stochastic", "kahan"):
+            raise ValueError(f"update_rounding must be None, 'nearest', 'stochastic' or 'kahan', got {self.update_rounding!r}")
+        if self.round_all is not None and not isinstance(self.round_all, FloatFormat):
+            object.__setattr__(self, "round_all", get_format(self.round_all))  # a name such as "fp16": the format itself
 
     def autocast_mode(self, device: torch.device) -> str | None:
         """How autocast runs on ``device``: ``"native"``, ``"emulate-cuda"``, ``"emulate-cpu"``, or None."""
@@ -259,6 +265,9 @@ class Policy:
         if self.update_rounding is not None:
             # BF16AdamW keeps FP32 moments (8 bytes); Kahan adds a BF16 compensation buffer
             return {"weights": low, "grads": low, "optimizer": 8 + (2 if self.update_rounding == "kahan" else 0), "autocast_cache": 0}
+        if self.param_dtype != torch.float32:  # prepare() converts the model; torch's AdamW keeps its moments in that dtype
+            cache = 2 if self.autocast_dtype is not None and self.autocast_dtype != self.param_dtype else 0
+            return {"weights": low, "grads": low, "optimizer": 2 * low, "autocast_cache": cache}
         # autocast's cache: the low-precision copy of each weight a matmul casts, alive through the step;
         # counted for every parameter, an upper bound (embeddings and LayerNorm weights are never cast).
         # FP8 linears add nothing that lives through the step: torchao's Float8Linear and mixprec's save the
@@ -373,6 +382,10 @@ class MasterWeights:
                 p.data = p.data.to(working)
         else:
             self.dtype, self.format = torch.float32, get_format(working)
+            with torch.no_grad():  # frozen ones too: the model computes on the format's grid; only trained ones get masters
+                for p in model.parameters():
+                    if not p.requires_grad and p.is_floating_point():
+                        p.copy_(round_to_format(p.float(), self.format).to(p.dtype))
         self.to_working()
 
     @torch.no_grad()

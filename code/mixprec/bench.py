@@ -13,15 +13,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
 import sys
-import tempfile
 from pathlib import Path
 
 import torch
 
-from . import hw
+from . import cli, hw
 from .amp import INFERENCE_POLICIES, POLICY_NAMES, get_policy
 from .fp8 import fp8_engine
 from .story import SIZES, build_model, encode, for_inference, generate, grammar_score, load_stories, storyteller, train, train_tokenizer
@@ -30,28 +28,8 @@ PROMPT = "Once upon a time"
 MIN_STORIES = 20  # fewer leave no validation split worth the name
 
 
-class UsageError(ValueError):
-    """A bad command-line argument: reported in one line, before any work."""
-
-
-def _writable_target(out: Path) -> None:
-    """``out`` can be created or replaced as a file: not a directory, under a directory we may write to."""
-    if str(out) in ("", "."):
-        raise UsageError("--out needs a file name")
-    if out.is_dir():
-        raise UsageError(f"--out {str(out)!r} is a directory; give a file name such as {str(out / 'result.json')!r}")
-    parent = out.parent
-    while not parent.exists():  # the directories that --out would create
-        parent = parent.parent
-    if not parent.is_dir():
-        raise UsageError(f"--out {str(out)!r}: {str(parent)!r} is a file, not a directory")
-    if out.exists() and not os.access(out, os.W_OK):
-        raise UsageError(f"--out {str(out)!r}: no permission to overwrite it")
-    try:  # the real test: create a file there (permissions, read-only mounts, /proc...)
-        with tempfile.NamedTemporaryFile(dir=parent, prefix=".mixprec-bench-"):
-            pass
-    except OSError as error:
-        raise UsageError(f"--out {str(out)!r}: cannot write in {str(parent)!r} ({error.strerror or error})") from None
+UsageError = cli.UsageError  # a bad command-line argument: reported in one line, before any work
+_writable_target = cli.check_out_file
 
 
 def validate(args) -> None:
@@ -89,6 +67,11 @@ def run_train(args) -> dict:
     stories = load_stories("offline", n=args.stories)
     tokenizer = train_tokenizer(stories.train)
     data = encode(stories, tokenizer)
+    for split in ("train", "valid"):  # known only now, but before any training
+        tokens = getattr(data, split).numel()
+        if tokens <= args.block_size:
+            raise UsageError(f"--block-size {args.block_size} is too long for --stories {args.stories}: the {split} split has "
+                             f"{tokens} tokens; use more stories or a block size below {tokens}")
     model = build_model(args.size, len(tokenizer), eos_token_id=tokenizer.eos_token_id)
     history = train(model, data, precision=args.precision, steps=args.steps, batch_size=args.batch_size, block_size=args.block_size,
                     lr=SIZES[args.size].lr, weight_decay=SIZES[args.size].weight_decay, compile=args.compile, progress=not args.quiet)
@@ -168,15 +151,16 @@ def main(argv: list[str] | None = None) -> dict:
 
     command = ["-m", "mixprec.bench", *(sys.argv[1:] if argv is None else argv)]
     result = {**hw.provenance(argv=command), "benchmark": args.command}
-    result.update(run_train(args) if args.command == "train" else run_generate(args))
+    try:
+        result.update(run_train(args) if args.command == "train" else run_generate(args))
+    except UsageError as error:
+        print(f"{parser.prog} {args.command}: error: {error}", file=sys.stderr)
+        sys.exit(2)
     text = json.dumps(result, indent=1, ensure_ascii=False)
     print(text)
     if args.out:
-        try:  # a temporary file renamed into place: never a half-written result
-            args.out.parent.mkdir(parents=True, exist_ok=True)
-            with tempfile.NamedTemporaryFile("w", dir=args.out.parent, prefix=f".{args.out.name}.", delete=False) as f:
-                f.write(text + "\n")
-            os.replace(f.name, args.out)
+        try:  # a temporary file renamed into place (never a half-written result), through a symlink, never over a FIFO or device
+            cli.write_out_file(args.out, text + "\n")
         except OSError as error:
             sys.exit(f"{parser.prog} {args.command}: error: cannot write --out {str(args.out)!r}: {error}")
     if record:

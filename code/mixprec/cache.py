@@ -1,8 +1,9 @@
 """Where trained artifacts live, keyed by everything that determines them, written so they cannot come back wrong.
 
 An entry is a directory ``<cache>/<kind>-<key>``. The key is a hash of the configuration, the
-library version and the library's source code (``source_hash``), so changing the training code
-retrains instead of returning a model made by older code. ``cached`` fills an entry like this:
+library version, the library's source code (``source_hash``) and the versions of torch,
+transformers and tokenizers, so changing the training code or upgrading a dependency retrains
+instead of returning a model made by older code; the manifest's copy of the key is checked on load. ``cached`` fills an entry like this:
 
 1. take a file lock for the key (``fcntl``): a second process asking for the same entry waits for
    the first one instead of training again;
@@ -11,8 +12,10 @@ retrains instead of returning a model made by older code. ``cached`` fills an en
 4. publish the whole directory with one ``os.rename``: readers see the complete entry or none.
 
 Loading verifies the manifest and every checksum first; a damaged, partial or unreadable entry is
-reported in one line on stderr and rebuilt, never loaded. ``python -m mixprec.cache list|verify|clear``
-inspects and clears the cache.
+reported in one line on stderr and rebuilt, never loaded. A cache that cannot be written (a
+read-only mount) still serves its entries; a missing one is built without being cached, with one
+line on stderr. ``python -m mixprec.cache list|verify|clear`` inspects and clears the cache;
+``clear`` takes each key's lock, so it never removes what a running writer is building.
 """
 
 from __future__ import annotations
@@ -32,6 +35,7 @@ import tempfile
 import time
 from collections.abc import Callable
 from functools import cache
+from importlib import metadata
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -43,7 +47,9 @@ MANIFEST_FORMAT = 1
 PACKAGE_DIR = Path(__file__).resolve().parent
 # Modules that only present results (plots, widgets, exercise checkers, the CLI, the clinic's
 # stories): editing them cannot change a trained artifact, so they stay out of the source hash.
-PRESENTATION_ONLY = frozenset({"plots.py", "widgets.py", "exercises.py", "notebook.py", "bench.py", "clinic.py", "cache.py"})
+PRESENTATION_ONLY = frozenset({"plots.py", "widgets.py", "exercises.py", "notebook.py", "bench.py", "cli.py", "clinic.py", "cache.py"})
+# Libraries whose version can change what a trained artifact is (kernels, initialisation, tokenization).
+DEPENDENCIES = ("torch", "transformers", "tokenizers")
 
 # A test hook: called with the temporary directory just before the manifest is written and the
 # entry is published; the fault suite kills a writer here.
@@ -55,8 +61,8 @@ class CacheKeyError(TypeError):
 
 
 def cache_dir() -> Path:
-    """``$MIXPREC_CACHE``, else ``~/.cache/mixprec``; created on first use."""
-    path = Path(os.environ.get("MIXPREC_CACHE") or Path.home() / ".cache" / "mixprec")
+    """``$MIXPREC_CACHE`` (``~`` expanded, made absolute), else ``~/.cache/mixprec``; created on first use."""
+    path = Path(os.environ.get("MIXPREC_CACHE") or Path.home() / ".cache" / "mixprec").expanduser().absolute()
     if path.exists() and not path.is_dir():
         source = "MIXPREC_CACHE" if os.environ.get("MIXPREC_CACHE") else "the default cache path"
         raise NotADirectoryError(f"{source} {str(path)!r} is a file, not a directory; point MIXPREC_CACHE at a directory")
@@ -118,9 +124,22 @@ def key_value(value: Any, where: str = "option") -> Any:
                         "pass plain values (numbers, strings, loss scalers) or call the uncached function")
 
 
+@cache
+def dependency_versions() -> dict[str, str | None]:
+    """The installed versions of ``DEPENDENCIES`` (None where one is not installed)."""
+    versions = {}
+    for name in DEPENDENCIES:
+        try:
+            versions[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            versions[name] = None
+    return versions
+
+
 def key_config(kind: str, **config) -> dict:
-    """Everything an entry's key is made of: the kind, the configuration, the version, the source hash."""
-    return {"kind": kind, "mixprec": __version__, "source": source_hash(), "config": key_value(config, kind)}
+    """Everything an entry's key is made of: the kind, the configuration, the version, the source hash, the dependencies' versions."""
+    return {"kind": kind, "mixprec": __version__, "source": source_hash(), "versions": dependency_versions(),
+            "config": key_value(config, kind)}
 
 
 def cache_key(kind: str, **config) -> Path:
@@ -159,6 +178,8 @@ def verify(path: Path) -> str | None:
     if not isinstance(files, dict) or not files:
         return "manifest lists no files"
     on_disk = {p.relative_to(path).as_posix() for p in path.rglob("*") if p.is_file()} - {MANIFEST}
+    # hidden files a file browser leaves (.DS_Store, .ipynb_checkpoints/...) are not damage
+    on_disk = {n for n in on_disk if n in files or not any(part.startswith(".") for part in n.split("/"))}
     if on_disk != set(files):
         missing, extra = sorted(set(files) - on_disk), sorted(on_disk - set(files))
         return f"files differ from the manifest (missing {missing}, unexpected {extra})"
@@ -189,26 +210,47 @@ def _write_manifest(tmp: Path, kind: str, key: dict) -> None:
 
 
 @contextlib.contextmanager
-def _lock(path: Path):
-    """An exclusive ``fcntl`` lock for one entry; released when the holder exits, even if it is killed."""
+def _lock(path: Path, wait: bool = True):
+    """An exclusive ``fcntl`` lock for one entry; released when the holder exits, even if it is killed.
+
+    Yields True once held; with ``wait=False`` it yields False at once if another process holds it.
+    """
     locks = path.parent / ".locks"
     locks.mkdir(exist_ok=True)
     with open(locks / f"{path.name}.lock", "a+") as f:
-        fcntl.flock(f.fileno(), fcntl.LOCK_EX)
         try:
-            yield
+            fcntl.flock(f.fileno(), fcntl.LOCK_EX if wait else fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            yield False
+            return
+        try:
+            yield True
         finally:
             fcntl.flock(f.fileno(), fcntl.LOCK_UN)
+
+
+def _writer_entry(tmp: Path) -> Path:
+    """The entry that a temporary directory ``.tmp-<entry>-<random>`` is being built for."""
+    return tmp.parent / tmp.name[len(".tmp-"):].rsplit("-", 1)[0]
 
 
 def _say(message: str) -> None:
     print(f"mixprec.cache: {message}", file=sys.stderr)
 
 
-def _try_load(path: Path, load: Callable[[Path], T], report: bool) -> tuple[bool, T | None]:
+def _manifest_key(path: Path) -> Any:
+    try:
+        return json.loads((path / MANIFEST).read_text()).get("key")
+    except (OSError, ValueError, AttributeError):
+        return None
+
+
+def _try_load(path: Path, load: Callable[[Path], T], report: bool, key: dict | None = None) -> tuple[bool, T | None]:
     if not path.exists():
         return False, None
     problem = verify(path)
+    if problem is None and key is not None and _manifest_key(path) != json.loads(json.dumps(key)):
+        problem = "its manifest was written for another configuration (a copied or renamed entry)"
     if problem is None:
         try:
             return True, load(path)
@@ -235,28 +277,37 @@ def cached(kind: str, config: dict, build: Callable[[Path], T], load: Callable[[
     """
     key = key_config(kind, **config)  # now: building may change an option object (a scaler's state)
     path = cache_key(kind, **config)
-    ok, value = _try_load(path, load, report=False)
+    ok, value = _try_load(path, load, report=False, key=key)
     if ok:
         return value
+    if not os.access(path.parent, os.W_OK | os.X_OK):  # a read-only cache (shared, mounted): build without caching
+        _say(f"the cache {str(path.parent)!r} cannot be written (read-only or no permission); building {path.name} without caching it")
+        with tempfile.TemporaryDirectory(prefix=f"mixprec-{kind}-") as tmp:
+            return build(Path(tmp))
     with _lock(path):
-        ok, value = _try_load(path, load, report=True)  # another process may have filled it while we waited
-        if ok:
-            return value
-        for stale in path.parent.glob(f".tmp-{path.name}-*"):  # left by a killed writer: no live writer holds this key's lock
-            shutil.rmtree(stale, ignore_errors=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{path.name}-", dir=path.parent))
-        try:
-            value = build(tmp)
-            if _before_publish is not None:
-                _before_publish(tmp)
-            _write_manifest(tmp, kind, key)
-            if path.exists():
-                _remove(path)
-            os.rename(tmp, path)
-        finally:
-            if tmp.exists():
-                shutil.rmtree(tmp, ignore_errors=True)
+        return _fill(path, kind, key, build, load)
+
+
+def _fill(path: Path, kind: str, key: dict, build: Callable[[Path], T], load: Callable[[Path], T]) -> T:
+    """Under the key's lock: load the entry if another process filled it meanwhile, else build and publish it."""
+    ok, value = _try_load(path, load, report=True, key=key)  # another process may have filled it while we waited
+    if ok:
         return value
+    for stale in path.parent.glob(f".tmp-{path.name}-*"):  # left by a killed writer: no live writer holds this key's lock
+        shutil.rmtree(stale, ignore_errors=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{path.name}-", dir=path.parent))
+    try:
+        value = build(tmp)
+        if _before_publish is not None:
+            _before_publish(tmp)
+        _write_manifest(tmp, kind, key)
+        if path.exists():
+            _remove(path)
+        os.rename(tmp, path)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    return value
 
 
 def write_json(path: Path, data: Any) -> None:
@@ -307,18 +358,49 @@ def main(argv: list[str] | None = None) -> int:
             bad += problem is not None
             print(f"{entry.name}\t{'ok' if problem is None else 'DAMAGED: ' + problem}")
         leftovers = [p for p in root.iterdir() if p.name.startswith((".tmp-", ".trash-"))]
-        if leftovers:
-            print(f"{len(leftovers)} unfinished temporary director{'y' if len(leftovers) == 1 else 'ies'} (left by killed writers; `clear` removes them)")
+        building = [p for p in leftovers if p.name.startswith(".tmp-") and _building(p)]
+        if building:
+            print(f"{len(building)} entr{'y' if len(building) == 1 else 'ies'} being built now (a writer holds the lock): "
+                  + ", ".join(sorted(_writer_entry(p).name for p in building)))
+        left = len(leftovers) - len(building)
+        if left:
+            print(f"{left} unfinished temporary director{'y' if left == 1 else 'ies'} (left by killed writers; `clear` removes them)")
         return 1 if bad else 0
-    removed = 0
-    for entry in root.iterdir():
-        if entry.name.startswith((".tmp-", ".trash-")) or (entry.is_dir() and not entry.name.startswith(".")
-                                                         and (args.kind is None or entry.name.rsplit("-", 1)[0] == args.kind)):
-            with _lock(entry) if not entry.name.startswith(".") else contextlib.nullcontext():
-                shutil.rmtree(entry, ignore_errors=True)
+    if not os.access(root, os.W_OK | os.X_OK):
+        print(f"error: the cache {str(root)!r} cannot be written (read-only or no permission): nothing removed", file=sys.stderr)
+        return 2
+    removed, busy = 0, []
+
+    def wanted(entry: Path) -> bool:
+        return args.kind is None or entry.name.rsplit("-", 1)[0] == args.kind
+
+    for item in sorted(root.iterdir()):
+        if item.name.startswith(".trash-"):  # an entry already moved aside by a remover
+            shutil.rmtree(item, ignore_errors=True)
+            removed += 1
+            continue
+        entry = _writer_entry(item) if item.name.startswith(".tmp-") else item
+        if not (item.is_dir() and not entry.name.startswith(".") and wanted(entry)):
+            continue
+        with _lock(entry, wait=False) as held:  # a writer of this key holds it while it builds: leave its work alone
+            if not held:
+                busy.append(entry.name)
+                continue
+            shutil.rmtree(item, ignore_errors=True)
             removed += 1
     print(f"removed {removed} entr{'y' if removed == 1 else 'ies'} from {root}")
+    if busy:
+        print(f"left {len(busy)} in use (being built by a running process; clear again when it has finished): {', '.join(sorted(set(busy)))}")
     return 0
+
+
+def _building(tmp: Path) -> bool:
+    """Whether a writer is building into the temporary directory ``tmp`` now (it holds the entry's lock)."""
+    try:
+        with _lock(_writer_entry(tmp), wait=False) as held:
+            return not held
+    except OSError:  # a read-only cache: no writer can be building in it
+        return False
 
 
 if __name__ == "__main__":

@@ -199,7 +199,8 @@ class EmulatedAutocast(TorchFunctionMode):
         super().__init__()
         names = {"fp16": torch.float16, "bf16": torch.bfloat16, torch.float16: torch.float16, torch.bfloat16: torch.bfloat16}
         if dtype not in names:
-            raise ValueError(f"EmulatedAutocast emulates float16 or bfloat16 autocast, got {dtype!r}")
+            raise ValueError(f"EmulatedAutocast emulates float16 or bfloat16 autocast: dtype must be torch.float16, torch.bfloat16, "
+                             f"'fp16' or 'bf16', got {dtype!r}")
         if op_lists not in OP_LISTS:
             raise ValueError(f"op_lists must be one of {sorted(OP_LISTS)}, got {op_lists!r}")
         self.dtype = names[dtype]

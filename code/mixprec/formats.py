@@ -60,6 +60,11 @@ class FloatFormat:
             raise ValueError(f"{self.name}: an 'fn' format needs at least one mantissa bit")
         if isinstance(self.bias, bool) or not isinstance(self.bias, int):
             raise TypeError(f"{self.name}: bias must be an int, got {self.bias!r}")
+        top_field = 2**self.exponent_bits - (2 if self.special == "ieee" else 1)
+        low, high = top_field - 1023, 1075 - self.mantissa_bits  # every value, subnormals included, a float64
+        if not low <= self.bias <= high:
+            raise ValueError(f"{self.name}: bias must be in {low}..{high} for E{self.exponent_bits}M{self.mantissa_bits} "
+                             f"(so that its range fits float64's), got {self.bias}")
         if self.max <= 0:
             raise ValueError(f"{self.name}: E{self.exponent_bits}M{self.mantissa_bits} ({self.special}) has no positive finite value")
 
@@ -123,7 +128,10 @@ class FloatFormat:
         """Spacing of representable numbers at |x| (the gap above |x|'s binade start)."""
         if isinstance(x, bool) or not isinstance(x, (int, float)):
             raise TypeError(f"ulp needs a real number, got {x!r}")
-        a = abs(x)
+        try:
+            a = abs(float(x))
+        except OverflowError:
+            raise ValueError(f"ulp is defined for finite numbers; this int is beyond float64's range ({str(x)[:20]}...)") from None
         if not math.isfinite(a):
             raise ValueError(f"ulp is defined for finite numbers, got {x!r}")
         e = self.emin if a < self.min_normal else math.frexp(a)[1] - 1
@@ -428,7 +436,7 @@ _compiled: dict[str, object] = {}  # "fn": the compiled kernel, or "failed": why
 
 def compiled_rounding_enabled() -> bool:
     """Whether ``round_to_format(impl="auto")`` uses the compiled kernel for large tensors (opt-in)."""
-    return os.environ.get("MIXPREC_COMPILE_ROUNDING", "0") not in ("", "0", "false", "no")
+    return os.environ.get("MIXPREC_COMPILE_ROUNDING", "0").strip().lower() in ("1", "true", "yes", "on")  # off, 0, False...: off
 
 
 def _round_bits_fused(bits, seed, *, mantissa_bits: int, emin: int, max_bits: int, overflow_bits: int,
@@ -543,6 +551,8 @@ def zone_fractions(values: torch.Tensor, scale: float = 1.0, fmt: str | FloatFor
     """
     fmt = get_format(fmt)
     values = torch.as_tensor(values).detach().flatten()
+    if values.is_complex():
+        raise TypeError(f"zone_fractions takes real values, got a {values.dtype} tensor (pass .real, .imag or .abs())")
     if values.dtype == torch.float64:  # float64 keeps magnitudes float32 cannot (1e-300, 1e300): classify them exactly
         x64 = values * scale
         zero = x64 == 0

@@ -64,11 +64,15 @@ def scale_from_amax(amax: torch.Tensor, fmt: str | FloatFormat = E4M3, mode: str
       clamped, up to one binade is left unused (also torchao float8's ``round_scales_to_power_of_2``);
     * ``"ceil"``: ``e = ceil(log2 amax) - emax``; amax lands in ``(2**(emax-1), 2**emax]``;
     * ``"even"``: ``"floor"`` after rounding amax to the format's mantissa width.
+
+    ``amax`` (a tensor or a Python number) is a magnitude: its sign is ignored, in every mode.
     """
     fmt = get_format(fmt)
     if mode not in SCALE_MODES:
         raise ValueError(f"scale mode must be one of {SCALE_MODES}, got {mode!r}")
-    amax = amax.detach().float()
+    if isinstance(amax, bool) or not isinstance(amax, (torch.Tensor, int, float)):
+        raise TypeError(f"amax must be a tensor or a number, got {type(amax).__name__}")
+    amax = torch.as_tensor(amax).detach().float().abs()
     has_nan = amax.isnan()
     if mode == "real":
         # torchao computes this in float64 and clamps amax at 1e-12, so a tensor whose amax is below
@@ -127,8 +131,9 @@ def quantize_blockwise(x: torch.Tensor, block: tuple[int, int] = (1, 128), fmt: 
     fmt = get_format(fmt)
     if x.dim() != 2:
         raise ValueError(f"blockwise quantization takes a 2-D tensor, got shape {tuple(x.shape)}")
-    if len(block) != 2 or min(block) < 1:
-        raise ValueError(f"block must be two positive sizes (rows, columns), got {block}")
+    if (not isinstance(block, (tuple, list)) or len(block) != 2
+            or any(isinstance(b, bool) or not isinstance(b, int) or b < 1 for b in block)):
+        raise ValueError(f"block must be two positive integers (rows, columns), got {block!r}")
     (rows, cols), (br, bc) = x.shape, block
     if rows % br or cols % bc:
         raise ValueError(f"shape {tuple(x.shape)} is not a whole number of {br}×{bc} blocks")
@@ -150,7 +155,9 @@ def quantize_mx(x: torch.Tensor, fmt: str | FloatFormat = E4M3, block: int = 32,
     fmt = get_format(fmt)
     if scale_mode == "real":
         raise ValueError("MX scales are powers of two: scale_mode must be 'floor', 'rceil', 'ceil' or 'even'")
-    if x.dim() == 0 or block < 1 or x.shape[-1] % block:
+    if isinstance(block, bool) or not isinstance(block, int) or block < 1:
+        raise ValueError(f"the MX block size must be a positive integer (the last dimension a multiple of it; 32 in the spec), got {block!r}")
+    if x.dim() == 0 or x.shape[-1] % block:
         raise ValueError(f"the last dimension of shape {tuple(x.shape)} is not a multiple of the MX block size {block}")
     blocks = x.detach().float().reshape(*x.shape[:-1], x.shape[-1] // block, block)
     scale = scale_from_amax(blocks.abs().amax(dim=-1, keepdim=True), fmt, scale_mode)
@@ -381,6 +388,17 @@ class Float8Linear(nn.Linear):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         c, tokens = self.config, x.numel() // max(x.shape[-1], 1)
+        if x.numel() == 0:  # an empty batch: nothing to quantize (no amax); nn.Linear's empty result
+            return nn.functional.linear(x, self.weight, self.bias)
+        sizes = {"in_features": (self.in_features, c.cast_config_input.k_multiple, c.cast_config_weight.k_multiple),
+                 "out_features": (self.out_features, c.cast_config_grad_output.k_multiple, c.cast_config_weight_for_grad_input.k_multiple)}
+        for field_name, (size, *multiples) in sizes.items():
+            if field_name == "out_features" and not (torch.is_grad_enabled() and (x.requires_grad or self.weight.requires_grad)):
+                continue  # out_features is the reduction dimension of the grad-input product (computed in every backward)
+            if size % max(multiples):
+                raise ValueError(f"the {c.recipe} recipe quantizes in blocks of {max(multiples)} along {field_name}; this "
+                                 f"layer (Linear({self.in_features}, {self.out_features})) has {field_name} = {size}: keep it in "
+                                 "high precision (module_filter_fn; fp8.fits_recipe tells which layers fit)")
         need = max(c.cast_config_grad_output_for_grad_weight.k_multiple, c.cast_config_input_for_grad_weight.k_multiple)
         if torch.is_grad_enabled() and self.weight.requires_grad and tokens % need:
             raise ValueError(f"the {c.recipe} recipe quantizes the weight gradient's operands in blocks of {need} along the "
@@ -466,10 +484,16 @@ def convert_to_float8_training(module: nn.Module, *, module_filter_fn=None, conf
     """Swap ``module``'s linear layers (and GPT-2's ``Conv1D``) for emulated ``Float8Linear`` in place; returns ``module``.
 
     Same name and signature as ``torchao.float8.convert_to_float8_training``: ``module_filter_fn(mod, fqn)``
-    returns False for layers to keep in high precision.
+    returns False for layers to keep in high precision. A ``module`` that is itself a linear layer
+    cannot be swapped in place: as torchao does, the converted layer is returned (its fqn is ``""``).
     """
+    from transformers.pytorch_utils import Conv1D
+
     config = config or Float8LinearConfig(recipe="tensorwise")
     keep = (lambda mod, fqn: not module_filter_fn(mod, fqn)) if module_filter_fn else (lambda mod, fqn: False)
+    if isinstance(module, nn.Linear | Conv1D) and not isinstance(module, Float8Linear):
+        linear = linear_from_conv1d(module) if isinstance(module, Conv1D) else module
+        return module if keep(linear, "") else Float8Linear.from_float(linear, config)
     swap_linears(module, lambda linear: Float8Linear.from_float(linear, config), skip=keep)
     return module
 

@@ -347,6 +347,8 @@ def load_recorded(name: str, directory: str | Path | None = None) -> list[dict]:
         raise ValueError(f"name must be a plain file-name prefix such as 'train_', got {name!r}")
     source = f" (from ${GPU_DATA_ENV})" if directory is None and os.environ.get(GPU_DATA_ENV, "").strip() else ""
     directory = recorded_dir() if directory is None else Path(directory)
+    if directory.exists() and not directory.is_dir():
+        raise NotADirectoryError(f"the recorded GPU results directory {directory}{source} is a file, not a directory")
     if not directory.is_dir():
         raise FileNotFoundError(f"the recorded GPU results directory {directory}{source} does not exist")
     results = []

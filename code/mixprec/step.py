@@ -55,7 +55,10 @@ def train_step(setup: TrainingSetup, inputs, targets, after_backward: Callable[[
     The scaler has ``torch.amp.GradScaler``'s interface; a disabled one (``NoLossScaler``) makes this
     plain training. The schedule advances only when the optimizer really stepped.
     ``after_backward(model)`` runs between backward and unscaling (to plant a fault, say).
+    An empty batch is refused: its loss is NaN and the step would still count.
     """
+    if isinstance(inputs, torch.Tensor) and inputs.dim() > 0 and inputs.shape[0] == 0:
+        raise ValueError(f"train_step needs at least one example; got an empty batch (inputs of shape {tuple(inputs.shape)})")
     loss = forward_backward(setup.forward, inputs, targets, setup.loss_fn, setup.policy, setup.device, setup.scaler.scale)
     if after_backward is not None:
         after_backward(setup.model)

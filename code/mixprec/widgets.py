@@ -9,6 +9,7 @@ from __future__ import annotations
 import html
 import json
 import math
+import re
 import uuid
 from importlib import resources
 
@@ -28,6 +29,15 @@ _STYLE = """
 #{id} .mp-status {{ color: #555; font-size: 0.9em; margin-left: 0.8em; }}
 #{id} .mp-name {{ font-weight: 600; }}
 """
+
+
+_MARKDOWN_SPECIAL = re.compile(r"([!-/:-@\[-`{-~])")  # every ASCII punctuation character: CommonMark lets each be escaped
+
+
+def escape_markdown(text: str) -> str:
+    """``text`` shown literally in Markdown: every ASCII punctuation backslash-escaped (no markup, HTML or
+    entity survives) and line breaks made spaces (no new block starts)."""
+    return _MARKDOWN_SPECIAL.sub(r"\\\1", " ".join(str(text).splitlines()))
 
 
 def script_json(data) -> str:
@@ -75,7 +85,8 @@ class FormatExplorer:
         self.id = "mp-" + uuid.uuid4().hex[:10]
 
     def _repr_markdown_(self) -> str:  # print editions (PDF): no JavaScript there
-        return f"*（交互式格式浏览器，比较 {', '.join(f.name for f in self.formats)}：请在网页版或 Colab 中使用。）*"
+        names = ", ".join(escape_markdown(f.name) for f in self.formats)
+        return f"*（交互式格式浏览器，比较 {names}：请在网页版或 Colab 中使用。）*"
 
     def _repr_html_(self) -> str:
         specs = script_json([format_spec(f) for f in self.formats])
@@ -114,7 +125,12 @@ def scale_histogram(values, fmt: str | FloatFormat = "fp16", width: float = 0.25
     if isinstance(width, bool) or not isinstance(width, (int, float)) or not (width > 0 and math.isfinite(width) and (1 / width).is_integer()):
         raise ValueError(f"width must be 1/k for a whole number k (so bins align with powers of two), got {width!r}")
     edges = zone_edges(fmt)
-    v = torch.as_tensor(values).detach().flatten()
+    try:
+        v = torch.as_tensor(values).detach().flatten()
+    except (TypeError, RuntimeError, ValueError) as error:
+        raise TypeError(f"values must be numbers (a tensor, an array or a list of floats): {error}") from None
+    if v.is_complex() or not (v.is_floating_point() or v.dtype in (torch.int8, torch.int16, torch.int32, torch.int64, torch.uint8)):
+        raise TypeError(f"values must be real numbers, got a {v.dtype} tensor")
     v = (v if v.dtype == torch.float64 else v.float()).abs()
     if v.numel() == 0:
         raise ValueError("values is empty: the loss-scale explorer needs at least one recorded value")
@@ -142,7 +158,7 @@ class LossScaleExplorer:
         self.id = "ms-" + uuid.uuid4().hex[:10]
 
     def _repr_markdown_(self) -> str:  # print editions (PDF): no JavaScript there
-        return f"*（交互式损失缩放浏览器，格式 {self.data['fmt']['name']}：请在网页版或 Colab 中使用。）*"
+        return f"*（交互式损失缩放浏览器，格式 {escape_markdown(self.data['fmt']['name'])}：请在网页版或 Colab 中使用。）*"
 
     def _repr_html_(self) -> str:
         style = (f"#{self.id} {{ font-family: system-ui, sans-serif; margin: 0.5em 0 1em; }} "

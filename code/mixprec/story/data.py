@@ -26,6 +26,8 @@ class TokenData:
 
     def eval_windows(self, batch_size: int, block_size: int, n_batches: int, split: str = "valid") -> list[tuple[torch.Tensor, torch.Tensor]]:
         """The same evaluation batches every time: consecutive, non-overlapping windows from the start of ``split``."""
+        if isinstance(n_batches, bool) or not isinstance(n_batches, int) or n_batches < 1:
+            raise ValueError(f"n_batches must be an integer >= 1, got {n_batches!r}")
         stream = self._stream(split, block_size)
         n_windows = min(batch_size * n_batches, (stream.numel() - 1) // block_size)
         windows = stream[: n_windows * block_size + 1]

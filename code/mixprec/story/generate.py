@@ -33,8 +33,11 @@ class InferenceModel:
             yield
 
 
-def for_inference(model: torch.nn.Module, precision: str | Policy = "fp32") -> InferenceModel:
-    """``model`` prepared for inference under a precision policy (``mixprec.amp``); the caller's model is never modified.
+def for_inference(model: torch.nn.Module, precision: str | Policy | None = None) -> InferenceModel:
+    """``model`` prepared for inference under a precision policy (``mixprec.amp``, default ``fp32``); the caller's model is never modified.
+
+    An ``InferenceModel`` is returned as it is when ``precision`` is ``None`` or its own policy;
+    another precision is refused (it was prepared once: converting it again would stack conversions).
 
     Every policy name works, with the same meaning as in training: ``fp16``/``bf16`` (inference
     policies) run a copy with all weights converted (pure low precision); ``fp16-amp``/``bf16-amp``
@@ -44,8 +47,11 @@ def for_inference(model: torch.nn.Module, precision: str | Policy = "fp32") -> I
     always made on a copy (``Policy.inference_model``).
     """
     if isinstance(model, InferenceModel):
-        return model
-    policy = get_policy(precision)  # unknown names fail with the list of valid ones
+        if precision is None or get_policy(precision).name == model.precision:
+            return model
+        raise ValueError(f"this model is already prepared for inference at {model.precision!r}, not {precision!r}: "
+                         f"prepare the original model with for_inference(model, {precision!r}), or leave precision out")
+    policy = get_policy("fp32" if precision is None else precision)  # unknown names fail with the list of valid ones
     return InferenceModel(policy.inference_model(model), policy.name, policy)
 
 
@@ -84,12 +90,13 @@ def check_context(model, prompt_tokens: int, max_new_tokens: int) -> None:
                          f"context window of {n_positions} positions: {fix}")
 
 
-def generate(model, tokenizer, prompt: str, precision: str = "fp32", seed: int = 0, max_new_tokens: int = 100, greedy: bool = False,
+def generate(model, tokenizer, prompt: str, precision: str | None = None, seed: int = 0, max_new_tokens: int = 100, greedy: bool = False,
              temperature: float = 1.0, top_k: int | None = None) -> Generation:
     """Continue ``prompt`` with ``model.generate`` (KV cache on) at ``precision``; stops at EOS.
 
     Sampling is seeded with ``seed`` without disturbing the caller's random state. ``model`` may
-    be an ``InferenceModel`` from ``for_inference`` to avoid copying it on every call. Only tokens
+    be an ``InferenceModel`` from ``for_inference`` to avoid copying it on every call (``precision``
+    then defaults to its own; another one is refused), else ``precision`` defaults to ``fp32``. Only tokens
     actually generated are counted, not padding after EOS.
     """
     if not isinstance(prompt, str):

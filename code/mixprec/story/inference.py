@@ -48,15 +48,17 @@ def count_generated(new_tokens: torch.Tensor, eos_token_id: int) -> int:
     return sum(len(until_eos(row, eos_token_id)) for row in new_tokens.tolist())
 
 
-def time_generation(model, tokenizer, prompt: str, precision: str = "fp32", batch_size: int = 1, max_new_tokens: int = 64,
+def time_generation(model, tokenizer, prompt: str, precision: str | None = None, batch_size: int = 1, max_new_tokens: int = 64,
                     repeat: int = 3, seed: int = 0) -> GenerationTiming:
     """Median wall-clock time of sampling ``batch_size`` continuations of ``prompt`` at ``precision``.
 
-    One warm-up call first; on a GPU the clock is read after ``torch.cuda.synchronize``.
+    One warm-up call first; on a GPU the clock is read after ``torch.cuda.synchronize``. ``precision``
+    defaults to an ``InferenceModel``'s own (another one is refused: the timing would be mislabelled), else ``fp32``.
     """
     if batch_size < 1 or max_new_tokens < 1 or repeat < 1:
         raise ValueError(f"batch_size, max_new_tokens and repeat must be >= 1; got {batch_size}, {max_new_tokens}, {repeat}")
     prepared = for_inference(model, precision)
+    precision = prepared.precision
     device = next(prepared.model.parameters()).device
     ids = tokenizer(prompt, return_tensors="pt")["input_ids"]
     check_context(prepared, ids.shape[1], max_new_tokens)

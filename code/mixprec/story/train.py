@@ -113,6 +113,9 @@ def train(
         raise ValueError(f"need steps >= 1, batch_size >= 1 and block_size >= 2; got {steps}, {batch_size}, {block_size}")
     if block_size > model.config.n_positions:
         raise ValueError(f"block_size {block_size} exceeds the model's n_positions {model.config.n_positions}")
+    if isinstance(eval_batches, bool) or not isinstance(eval_batches, int) or eval_batches < 1:  # the final evaluation needs one
+        raise ValueError(f"eval_batches must be an integer >= 1 (the validation batches evaluated), got {eval_batches!r}")
+    eval_set = data.eval_windows(batch_size, block_size, eval_batches)  # before any step: a too-short stream fails now
     warmup = max(1, steps // 10) if warmup is None else warmup
     torch.manual_seed(seed)
     setup = policy.setup(model.train(), lr=lr, weight_decay=weight_decay, loss_fn=lm_loss, schedule=warmup_cosine(warmup, steps, min_lr_ratio),
@@ -123,7 +126,6 @@ def train(
     peak = hw.peak_tflops(history.device, policy.peak_dtype()) if device.type == "cuda" else None
     flops = flops_per_token(model, block_size)
     generator = torch.Generator().manual_seed(seed)
-    eval_set = data.eval_windows(batch_size, block_size, eval_batches)
     bar = _progress(steps, policy.name) if progress else None
     for step in range(steps):
         x, y = (t.to(device, non_blocking=True) for t in data.batch(batch_size, block_size, generator))
