@@ -509,7 +509,7 @@ BAD_CLI = {
     "new-tokens-0": (["generate", "--new-tokens", "0"], "--new-tokens must be >= 1"),
     "new-tokens-neg": (["generate", "--new-tokens", "-5"], "--new-tokens must be >= 1"),
     "new-tokens-past-context": (["generate", "--new-tokens", "300"], "--new-tokens must be at most"),
-    "generate-precision": (["generate", "--precision", "fp17"], "unknown inference precision"),
+    "generate-precision": (["generate", "--precision", "fp17"], "--precision: unknown precision 'fp17'"),
     "train-steps": (["generate", "--train-steps", "0"], "--train-steps must be >= 1"),
 }
 
@@ -1130,7 +1130,7 @@ BAD_SCRIPTS = {
     "storyteller-seconds": ("storyteller_cpu.py", ["--seconds", "nan"], "--seconds: must be a finite number > 0"),
     "storyteller-precision": ("storyteller_cpu.py", ["--precision", "fp17"], "unknown precision 'fp17'; valid: fp32"),
     "emulated-policies": ("emulated_amp_speed.py", ["--policies", "fp32", "fp17"], "unknown precision 'fp17'"),
-    "generation-precisions": ("generation.py", ["--precisions", "fp32", "fp17"], "unknown inference precision 'fp17'"),
+    "generation-precisions": ("generation.py", ["--precisions", "fp32", "fp17"], "unknown precision 'fp17'; valid: fp32"),
     "generation-batch": ("generation.py", ["--batch-sizes", "0"], "--batch-sizes: must be >= 1"),
     "generation-new-tokens": ("generation.py", ["--new-tokens", "300"], "--new-tokens must be at most 240"),
     "rounding-repeat": ("round_to_format_speed.py", ["--repeat", "0"], "--repeat: must be >= 1"),
@@ -1298,7 +1298,7 @@ def test_policy_fields_are_checked_and_counted():
         Policy("x", update_rounding="bogus")
     assert Policy("mine", param_dtype=torch.bfloat16).bytes_per_parameter() == {"weights": 2, "grads": 2, "optimizer": 4, "autocast_cache": 0}
     assert Policy("mine", param_dtype=torch.float64).bytes_per_parameter()["weights"] == 8
-    with pytest.raises(TypeError, match="scaler must be None .* got 'dynamic'"):
+    with pytest.raises(TypeError, match="scaler must be None.* got 'dynamic'"):
         get_policy("fp16-amp").scaler("cpu", "dynamic")
 
 
@@ -1314,7 +1314,6 @@ def test_train_refuses_options_that_fail_at_the_end_before_any_step(monkeypatch)
     S14: train_step refuses an empty batch."""
     from mixprec import story
     from mixprec.amp import get_policy
-    from mixprec.scaling import NoLossScaler
     from mixprec.step import train_step
 
     monkeypatch.setattr(sys.modules["mixprec.story.train"], "train_step", lambda *a, **k: pytest.fail("a training step ran"))
@@ -1323,11 +1322,9 @@ def test_train_refuses_options_that_fail_at_the_end_before_any_step(monkeypatch)
         story.train(model, _tiny_data(), steps=2, batch_size=2, block_size=16, eval_batches=0, progress=False)
     with pytest.raises(TypeError, match="scaler must be None"):
         story.train(model, _tiny_data(), steps=2, batch_size=2, block_size=16, scaler="dynamic", progress=False)
-    linear = torch.nn.Linear(4, 1)
-    opt = torch.optim.SGD(linear.parameters(), lr=0.1)
+    setup = get_policy("fp32").setup(torch.nn.Linear(4, 1), lr=0.1, loss_fn=lambda o, t: (o - t).pow(2).mean(), device="cpu")
     with pytest.raises(ValueError, match="empty batch"):
-        train_step(linear, torch.zeros(0, 4), torch.zeros(0, 1), lambda o, t: (o - t).pow(2).mean(), opt, get_policy("fp32"),
-                   NoLossScaler(), torch.device("cpu"))
+        train_step(setup, torch.zeros(0, 4), torch.zeros(0, 1))
 
 
 def test_storyteller_checks_its_precision_before_any_work(monkeypatch):

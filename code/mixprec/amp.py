@@ -62,6 +62,12 @@ INFERENCE_POLICIES = ("fp16", "bf16", "fp8-weight")  # inference only: training 
 POLICY_NAMES = BASE_POLICIES + FP8_POLICIES + AUTOCAST_VARIANTS + INFERENCE_POLICIES + ("round-all:<format>",)
 
 
+def _check_scaler(scaler) -> None:
+    if scaler is not None and scaler is not False and not all(callable(getattr(scaler, m, None)) for m in _SCALER_METHODS):
+        raise TypeError(f"scaler must be None, False or have GradScaler's methods ({', '.join(_SCALER_METHODS)}), "
+                        f"got {scaler!r} ({type(scaler).__name__})")
+
+
 @dataclass(frozen=True)
 class Policy:
     """What one training step computes in, stores weights in, updates with and scales the loss with.
@@ -149,9 +155,7 @@ class Policy:
         """
         self.check_trainable()
         check_optimizer_options(lr=lr, weight_decay=weight_decay, betas=betas, clip=clip)
-        if scaler is not None and scaler is not False and not all(callable(getattr(scaler, m, None)) for m in _SCALER_METHODS):
-            raise TypeError(f"scaler must be None, False or have GradScaler's methods ({', '.join(_SCALER_METHODS)}), "
-                            f"got {type(scaler).__name__}")
+        _check_scaler(scaler)
         if schedule is not None and not callable(schedule):
             raise TypeError(f"schedule must be None or a function update -> learning-rate multiplier, got {type(schedule).__name__}")
         if device is None:
@@ -198,6 +202,7 @@ class Policy:
 
         "None" is a disabled scaler with the same interface, as ``GradScaler(enabled=False)``.
         """
+        _check_scaler(scaler)
         if scaler is False or (scaler is None and not self.uses_scaler):
             return NoLossScaler()
         if scaler is None:
