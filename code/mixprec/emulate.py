@@ -12,7 +12,9 @@ Two emulations, for two different questions:
   The backward is not run under the emulation, as real autocast's is not: every gradient of a
   tensor that autocast would hold in FP16 is rounded to FP16, as the dtype of a real gradient
   follows the dtype of its tensor. Anything outside the forward pass (the loss scale multiply, the
-  optimizer) stays FP32.
+  optimizer) stays FP32. With CPU's lists it is tested against CPU's own FP16 and BF16 autocast on the
+  storyteller, Llama, BERT, T5 and torch's ``nn`` layers (tests/test_emulate.py); what it cannot
+  emulate it names in a warning (see the class).
 * ``RoundAllOps(fmt)`` answers "what if *everything* were FP16?": every floating-point result of
   every op, forward and backward, the loss and the loss-scale multiply included, is rounded to any
   ``mixprec.formats`` format. That is not AMP; it is a pure low-precision network.
@@ -146,6 +148,9 @@ def _no_torch_function(*args, **kwargs) -> bool:
     return False
 
 
+_PATCHED: dict = {}  # Python composite → its copy whose globals say no mode is on (see EmulatedAutocast._enter_composite)
+
+
 # In-place operators whose name does not end in "_": like ``add_``, they write into their first argument.
 _IN_PLACE_DUNDERS = frozenset(("__iadd__", "__isub__", "__imul__", "__itruediv__", "__idiv__", "__ifloordiv__", "__imod__",
                                "__ipow__", "__setitem__"))
@@ -211,7 +216,6 @@ class EmulatedAutocast(TorchFunctionMode):
         self.opaque: dict[str, str] = {}  # C++ composite → the listed op found inside it (it ran in FP32)
         self._cache: dict[int, torch.Tensor] = {}  # like autocast's cache of cast weights, for one region
         self._entering: set = set()
-        self._patched: dict = {}
 
     def __enter__(self):
         # the innermost region wins: a real autocast around this one is switched off inside it
@@ -284,13 +288,13 @@ class EmulatedAutocast(TorchFunctionMode):
         code = getattr(func, "__code__", None)
         if code is None:
             return None
-        patched = self._patched.get(func)
+        patched = _PATCHED.get(func)
         if patched is None:
             names = dict(func.__globals__, has_torch_function=_no_torch_function, has_torch_function_unary=_no_torch_function,
                          has_torch_function_variadic=_no_torch_function)
             patched = type(func)(code, names, func.__name__, func.__defaults__, func.__closure__)
             patched.__kwdefaults__ = func.__kwdefaults__
-            self._patched[func] = patched
+            _PATCHED[func] = patched
         self._entering.add(func)
         torch.overrides._push_mode(self)
         try:
