@@ -1392,3 +1392,24 @@ def test_float8_linear_errors_name_the_layer_and_empty_batches_work():
     for recipe in ("tensorwise", "mxfp8"):
         empty = fp8.convert_to_float8_training(torch.nn.Linear(32, 32), config=fp8.Float8LinearConfig.from_recipe_name(recipe))
         assert empty(torch.randn(0, 32)).shape == (0, 32)
+
+
+# --- lead (issue 21, S15 and S17): settings that would silently train wrong are refused ---------------------------
+
+
+@pytest.mark.parametrize("setting", [dict(lr=math.nan), dict(eps=math.nan), dict(weight_decay=math.nan), dict(lr=math.inf)])
+def test_bf16_adamw_refuses_non_finite_settings(setting):
+    """S15: NaN fails every `< 0` test; BF16AdamW tests for what is valid, as torch.optim.AdamW does."""
+    from mixprec.optim import BF16AdamW
+
+    with pytest.raises(ValueError, match="invalid hyperparameters"):
+        BF16AdamW([torch.nn.Parameter(torch.ones(2, dtype=torch.bfloat16))], **setting)
+
+
+@pytest.mark.parametrize("min_ratio, warmup", [(-1.0, 5), (1.5, 5), (math.nan, 5), (0.1, -1)])
+def test_lr_schedule_refuses_a_negative_or_nan_floor(min_ratio, warmup):
+    """S17: min_lr_ratio=-1 ended in negative learning rates (gradient ascent) without an error."""
+    from mixprec.story.train import warmup_cosine
+
+    with pytest.raises(ValueError, match="min_lr_ratio must be a number in \\[0, 1\\]|warmup must be an integer >= 0"):
+        warmup_cosine(warmup, 100, min_ratio)

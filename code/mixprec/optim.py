@@ -19,6 +19,7 @@ compensation buffers, and the state of the stochastic-rounding generators.
 
 from __future__ import annotations
 
+import math
 from typing import Literal
 
 import torch
@@ -35,7 +36,8 @@ class BF16AdamW(torch.optim.Optimizer):
                  rounding: UpdateRounding = "nearest", seed: int = 0):
         if rounding not in ("nearest", "stochastic", "kahan"):
             raise ValueError(f"rounding must be 'nearest', 'stochastic' or 'kahan', got {rounding!r}")
-        if lr < 0 or eps < 0 or weight_decay < 0 or not all(0 <= b < 1 for b in betas):
+        finite = all(isinstance(v, (int, float)) and math.isfinite(v) and v >= 0 for v in (lr, eps, weight_decay))
+        if not finite or not all(0 <= b < 1 for b in betas):  # NaN fails every comparison: test for what is valid
             raise ValueError(f"invalid hyperparameters lr={lr}, betas={betas}, eps={eps}, weight_decay={weight_decay}")
         super().__init__(params, dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay))
         self.rounding = rounding

@@ -21,6 +21,10 @@ from .data import TokenData
 
 def warmup_cosine(warmup: int, total: int, min_ratio: float = 0.1) -> Callable[[int], float]:
     """LR multiplier: linear warm-up over ``warmup`` updates, then cosine decay to ``min_ratio`` at ``total``."""
+    if not (isinstance(min_ratio, (int, float)) and 0 <= min_ratio <= 1):
+        raise ValueError(f"min_lr_ratio must be a number in [0, 1] (the final learning rate over the peak), got {min_ratio!r}")
+    if isinstance(warmup, bool) or not isinstance(warmup, int) or warmup < 0:
+        raise ValueError(f"warmup must be an integer >= 0 (updates), got {warmup!r}")
 
     def factor(update: int) -> float:
         if update < warmup:
