@@ -120,7 +120,7 @@ def test_fp8_is_bf16_autocast_plus_fp8_linears_on_every_device(name):
     policy = get_policy(name)
     assert policy.autocast_dtype == torch.bfloat16 and policy.fp8
     assert policy.autocast_mode("cpu") == "emulate-cuda" and policy.autocast_mode("cuda") == "native"  # only the kernels differ
-    assert policy.describe()["compute"].startswith("linear layers FP8")
+    assert policy.describe()["compute"] == f"FP8 linears ({policy.fp8}) + BF16 autocast"
 
 
 @pytest.mark.parametrize("recipe", fp8.RECIPES)
