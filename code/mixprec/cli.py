@@ -43,26 +43,25 @@ def at_least(low: int):
     return parse
 
 
-def positive_float(text: str) -> float:
-    """An argparse ``type``: a finite number > 0."""
+def _finite(text: str, bound: str) -> float:
+    """A finite float that is ``> 0`` or ``>= 0`` (``bound``), or the argparse error that names the bound."""
     try:
         value = float(text)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a finite number > 0, got {text!r}") from None
-    if not (math.isfinite(value) and value > 0):
-        raise argparse.ArgumentTypeError(f"must be a finite number > 0, got {text!r}")
+        raise argparse.ArgumentTypeError(f"expected a finite number {bound}, got {text!r}") from None
+    if not (math.isfinite(value) and (value > 0 if bound == "> 0" else value >= 0)):
+        raise argparse.ArgumentTypeError(f"must be a finite number {bound}, got {text!r}")
     return value
+
+
+def positive_float(text: str) -> float:
+    """An argparse ``type``: a finite number > 0."""
+    return _finite(text, "> 0")
 
 
 def non_negative_float(text: str) -> float:
     """An argparse ``type``: a finite number >= 0."""
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a finite number >= 0, got {text!r}") from None
-    if not (math.isfinite(value) and value >= 0):
-        raise argparse.ArgumentTypeError(f"must be a finite number >= 0, got {text!r}")
-    return value
+    return _finite(text, ">= 0")
 
 
 def regex(text: str) -> re.Pattern:
