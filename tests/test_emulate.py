@@ -360,6 +360,7 @@ def test_a_cpp_composite_with_a_listed_op_inside_is_named():
 # --- regions, in-place ops, reciprocal ---------------------------------------------------------------------------------
 
 def test_nested_regions_innermost_wins_without_double_rounding():
+    """Reliability S4 (nested regions): the innermost region wins, as in torch.autocast."""
     a = torch.full((1, 2), 1000.0)
     b = torch.full((2, 1), 1000.0 + 4)  # a @ b = 2 008 000: finite in BF16, inf in FP16
     with EmulatedAutocast(torch.float16):
@@ -381,7 +382,7 @@ def test_nested_regions_innermost_wins_without_double_rounding():
 
 
 def test_autocast_disabled_inside_stops_the_rounding():
-    """Hugging Face models force FP32 with ``torch.autocast(device_type, enabled=False)``: inside it, nothing is lowered."""
+    """Reliability S4: Hugging Face models force FP32 with ``torch.autocast(device_type, enabled=False)``: inside it, nothing is lowered."""
     a, b = torch.randn(4, 8), torch.randn(8, 3)
     with EmulatedAutocast(torch.float16) as mode:
         low = a @ b
@@ -401,6 +402,7 @@ def test_autocast_disabled_inside_stops_the_rounding():
 
 
 def test_in_place_ops_keep_a_low_tensor_on_its_grid():
+    """Reliability S4 (in-place ops): a low tensor stays on its format's grid."""
     a, b = torch.randn(4, 8), torch.randn(8, 3)
     fine = torch.randn(4, 3) * (1 + 2.0**-15)  # off FP16's grid
     with EmulatedAutocast(torch.float16):

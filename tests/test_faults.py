@@ -880,7 +880,7 @@ def _tiny_story():
     ("weight_decay", -0.1, "weight_decay must be a finite number >= 0"),
 ])
 def test_training_refuses_bad_optimizer_settings_before_any_work(option, value, message):
-    """Issue 21: clip is None or a finite number > 0; learning rate and optimizer settings are finite; one line, before any work."""
+    """Issue 21 (S2, S15): clip is None or a finite number > 0; learning rate and optimizer settings are finite; one line, before any work."""
     import re
 
     from mixprec.story import train
@@ -1413,3 +1413,41 @@ def test_lr_schedule_refuses_a_negative_or_nan_floor(min_ratio, warmup):
 
     with pytest.raises(ValueError, match="min_lr_ratio must be a number in \\[0, 1\\]|warmup must be an integer >= 0"):
         warmup_cosine(warmup, 100, min_ratio)
+
+
+@pytest.mark.skipif(shutil.which("node") is None, reason="node is not installed")
+def test_scale_explorer_counts_edge_values_as_the_cast_does(tmp_path):
+    """S19: on a zone's edge the page agrees with zone_fractions: 2**-25 ties to 0, 65520 overflows, 2**-14 is normal."""
+    from mixprec.formats import zone_fractions
+    from mixprec.widgets import scale_explorer_script, scale_histogram
+
+    values = torch.tensor([2.0**-25, 2.0**-24, 65504.0, 65520.0, 2.0**-14, 2.0**-14 - 2.0**-26], dtype=torch.float64)
+    script = tmp_path / "zones.js"
+    script.write_text(scale_explorer_script() + """
+const data = JSON.parse(require('fs').readFileSync(process.argv[2], 'utf8'));
+console.log(JSON.stringify([-8, -1, 0, 1, 32, 33].map(k => MixprecScale.zones(data, k))));
+""")
+    payload = tmp_path / "data.json"
+    payload.write_text(json.dumps(scale_histogram(values)))
+    got = json.loads(subprocess.run(["node", str(script), str(payload)], capture_output=True, text=True, check=True).stdout)
+    for k, page in zip([-8, -1, 0, 1, 32], got):
+        assert page == pytest.approx(zone_fractions(values, 2.0**k), abs=1e-12), k
+    assert got[2]["flushed"] == pytest.approx(1 / 6) and got[2]["overflow"] == pytest.approx(1 / 6)
+    assert got[5] is None  # beyond the slider: nothing, rather than a guess
+
+
+@pytest.mark.parametrize("use_torch_scaler", [False, True])
+def test_a_second_scaler_step_after_train_step_is_refused_at_once(use_torch_scaler):
+    """U9: scaler.step(opt) again after train_step fails there, as GradScaler does, not one step later."""
+    from mixprec.amp import get_policy
+    from mixprec.step import train_step
+
+    torch.manual_seed(0)
+    model = torch.nn.Linear(4, 1)
+    setup = get_policy("fp16-amp").setup(model, lr=0.1, loss_fn=lambda out, t: (out - t).pow(2).mean())
+    if use_torch_scaler:
+        setup.scaler = torch.amp.GradScaler("cpu")
+    x, y = torch.randn(3, 4), torch.randn(3, 1)
+    train_step(setup, x, y)
+    with pytest.raises(AssertionError, match="No inf checks were recorded for this optimizer"):
+        setup.scaler.step(setup.optimizer)

@@ -3,31 +3,22 @@
 // Self-contained (no network, no kernel). mixprec/widgets.py inlines it; tests/test_widgets.py
 // runs it in node and checks it against mixprec.formats.zone_fractions.
 //
-// data = {lo, width, counts: [...], zeros, nonfinite, total, fmt: {flushBelow, minNormal, overflowAt}} where
-// counts[i] is the number of nonzero |g| with log2|g| in [lo + i*width, lo + (i+1)*width), and the
-// format thresholds are log2 values: |x| < 2**flushBelow rounds to zero, below 2**minNormal is
-// subnormal, at or above 2**overflowAt overflows.
+// data = {zonesFrom, zones: [...], lo, width, counts: [...], zeros, nonfinite, total, fmt: {flushBelow, minNormal, overflowAt}}
+// where zones[k - zonesFrom] is mixprec.formats.zone_fractions at scale 2**k (exact, edges included),
+// counts[i] is the number of nonzero |g| with log2|g| in [lo + i*width, lo + (i+1)*width) (drawn as
+// bars), and the format thresholds are log2 values drawn as the coloured bands.
 
 var MixprecScale = (function () {
-  // Fractions per zone, or null when there is nothing to show (no values).
+  // Fractions per zone at scale 2**log2scale, or null when there is nothing to show (no values, or a
+  // scale outside the slider). Python computed them exactly at every scale the slider offers.
   function zones(data, log2scale) {
     if (!(data.total > 0)) return null;
-    var out = { zero: data.zeros, flushed: 0, subnormal: 0, normal: 0, overflow: data.nonfinite || 0 }; // inf/NaN overflow at any scale
-    for (var i = 0; i < data.counts.length; i++) {
-      var c = data.counts[i];
-      if (!c) continue;
-      var lo = data.lo + i * data.width + log2scale; // bin start after scaling; bins are aligned to the thresholds
-      if (lo < data.fmt.flushBelow) out.flushed += c;
-      else if (lo < data.fmt.minNormal) out.subnormal += c;
-      else if (lo < data.fmt.overflowAt) out.normal += c;
-      else out.overflow += c;
-    }
-    for (var k in out) out[k] = out[k] / data.total;
-    return out;
+    var z = data.zones[log2scale - data.zonesFrom];
+    return z === undefined ? null : z;
   }
 
   var COLORS = { flushed: "#c0392b", subnormal: "#e67e22", normal: "#2e8b3a", overflow: "#7d3c98" };
-  var NAMES = { zero: "本来就是 0", flushed: "下溢为零", subnormal: "次正规数（丢位）", normal: "正规数", overflow: "上溢（inf/NaN）" };
+  var NAMES = { zero: "本来就是 0", flushed: "下溢为零", subnormal: "次正规数（有效位减少）", normal: "正规数", overflow: "上溢（inf/NaN）" };
 
   function svg(data, log2scale) {
     var W = 640, H = 170, pad = 30;

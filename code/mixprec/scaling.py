@@ -60,8 +60,9 @@ FLOAT32_TINY = float(torch.finfo(torch.float32).smallest_normal)
 
 
 class ScalerStateError(AssertionError, RuntimeError):
-    """``update()`` with no inf checks recorded: ``GradScaler`` raises an ``AssertionError`` here; this
-    is one, and a ``RuntimeError`` too, like the other misuse errors."""
+    """``step()`` of an optimizer without gradients, or ``update()`` with no inf checks recorded:
+    ``GradScaler`` raises an ``AssertionError`` there; this is one, and a ``RuntimeError`` too, like the
+    other misuse errors."""
 
 
 def _number(name: str, value, *, integer: bool = False) -> float | int:
@@ -122,7 +123,7 @@ class StaticLossScaler:
             if not torch.isfinite(g).all():
                 found_inf = True
             g.mul_(inv_scale.to(g.device))
-        self._unscaled[id(optimizer)] = found_inf
+        self._unscaled[id(optimizer)] = found_inf if grads else None  # None: nothing was checked
 
     def step(self, optimizer: torch.optim.Optimizer, *args, **kwargs):
         """``optimizer.step()`` unless an inf or NaN gradient was found; unscales first if not done yet."""
@@ -132,6 +133,9 @@ class StaticLossScaler:
             raise RuntimeError("step() has already been called since the last update().")
         if id(optimizer) not in self._unscaled:
             self.unscale_(optimizer)
+        if self._unscaled[id(optimizer)] is None:  # GradScaler asserts the same (a step after train_step, or before backward)
+            raise ScalerStateError("No inf checks were recorded for this optimizer: it has no gradients. "
+                                   "Call step() once per backward() of the scaled loss.")
         self._stepped.add(id(optimizer))
         if self._unscaled[id(optimizer)]:
             return None

@@ -13,7 +13,7 @@ import re
 import uuid
 from importlib import resources
 
-from .formats import FloatFormat, get_format, torch_overflow_convention, zone_edges
+from .formats import FloatFormat, get_format, torch_overflow_convention, zone_edges, zone_fractions
 
 DEFAULT_FORMATS = ("fp32", "tf32", "fp16", "bf16", "e4m3fn", "e5m2")
 
@@ -116,8 +116,12 @@ def scale_explorer_script() -> str:
     return _script("scale_explorer.js")
 
 
+SLIDER_LOG2 = (-8, 32)  # the loss-scale explorer's slider: log2(S) from -8 to 32
+
+
 def scale_histogram(values, fmt: str | FloatFormat = "fp16", width: float = 0.25) -> dict:
-    """What the loss-scale explorer needs: a histogram of log2|values| with bins aligned to powers of two."""
+    """What the loss-scale explorer needs: a histogram of log2|values| with bins aligned to powers of
+    two (to draw), and the exact zone fractions at every power-of-two scale of the slider (to count)."""
 
     import torch
 
@@ -139,7 +143,11 @@ def scale_histogram(values, fmt: str | FloatFormat = "fp16", width: float = 0.25
     bins = torch.floor(torch.log2(nonzero) / width).long()
     first = int(bins.min()) if bins.numel() else 0
     counts = torch.bincount(bins - first).tolist() if bins.numel() else []
+    # The zone table is exact: zone_fractions at every scale the slider offers, so a value on a zone's
+    # edge (2**-25 ties to 0, 65520 overflows) is counted as the cast counts it. The bins only draw.
+    zones = [zone_fractions(v, 2.0**k, fmt) for k in range(SLIDER_LOG2[0], SLIDER_LOG2[1] + 1)]
     return {
+        "zonesFrom": SLIDER_LOG2[0], "zones": zones,
         "lo": first * width, "width": width, "counts": counts, "zeros": int((v == 0).sum()), "total": int(v.numel()),
         "nonfinite": int((~finite).sum()),  # inf or NaN already: they overflow at every scale, as zone_fractions counts them
         "fmt": {"name": fmt.name, "flushBelow": edges["flushed_below"], "minNormal": edges["normal_from"],
@@ -152,8 +160,8 @@ class LossScaleExplorer:
 
     def __init__(self, values, fmt: str | FloatFormat = "fp16", initial_log2_scale: int = 0):
         self.data = scale_histogram(values, fmt)
-        if isinstance(initial_log2_scale, bool) or not isinstance(initial_log2_scale, int) or not -8 <= initial_log2_scale <= 32:
-            raise ValueError(f"initial_log2_scale must be an integer in -8..32 (the slider's range), got {initial_log2_scale!r}")
+        if isinstance(initial_log2_scale, bool) or not isinstance(initial_log2_scale, int) or not SLIDER_LOG2[0] <= initial_log2_scale <= SLIDER_LOG2[1]:
+            raise ValueError(f"initial_log2_scale must be an integer in {SLIDER_LOG2[0]}..{SLIDER_LOG2[1]} (the slider's range), got {initial_log2_scale!r}")
         self.initial = initial_log2_scale
         self.id = "ms-" + uuid.uuid4().hex[:10]
 
@@ -167,7 +175,7 @@ class LossScaleExplorer:
                  f"#{self.id} td {{ padding: 2px 12px; border-bottom: 1px solid #ddd; }}")
         return (
             f'<div id="{self.id}" class="mixprec-explorer"><style>{style}</style>'
-            f'<label>损失缩放因子 log₂(S)：<input type="range" min="-8" max="32" step="1"></label> '
+            f'<label>损失缩放因子 log₂(S)：<input type="range" min="{SLIDER_LOG2[0]}" max="{SLIDER_LOG2[1]}" step="1"></label> '
             '<span class="ms-scale" style="font-family: monospace"></span>'
             f'<div class="ms-plot"></div><table><tbody></tbody></table>'
             f"<script>{scale_explorer_script()}\n"
