@@ -1451,3 +1451,16 @@ def test_a_second_scaler_step_after_train_step_is_refused_at_once(use_torch_scal
     train_step(setup, x, y)
     with pytest.raises(AssertionError, match="No inf checks were recorded for this optimizer"):
         setup.scaler.step(setup.optimizer)
+
+
+@pytest.mark.parametrize("fmt", ["fp16", "bf16", "e4m3fn", "e5m2"])
+def test_explorer_zone_table_is_zone_fractions_at_every_scale(fmt):
+    """S19: the explorer's bisection over sorted values gives zone_fractions exactly, edges, zeros, inf and NaN included."""
+    from mixprec.formats import zone_fractions
+    from mixprec.widgets import SLIDER_LOG2, exact_zones_at_powers_of_two
+
+    torch.manual_seed(0)
+    edges = torch.tensor([2.0**-25, 2.0**-24, 65504.0, 65520.0, 2.0**-14, 2.0**-14 - 2.0**-26, 448.0, 464.0, 0.0, math.nan, -math.inf], dtype=torch.float64)
+    for values in (edges, torch.randn(5000) * 1e-4, torch.exp2(torch.arange(-60, 40.0)), torch.tensor([])):
+        ks = range(SLIDER_LOG2[0], SLIDER_LOG2[1] + 1)
+        assert exact_zones_at_powers_of_two(values, fmt, ks) == [zone_fractions(values, 2.0**k, fmt) for k in ks]

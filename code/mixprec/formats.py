@@ -541,16 +541,17 @@ def zone_edges(fmt: str | FloatFormat) -> dict[str, float]:
             "overflow_from": math.log2(fmt.max + fmt.ulp(fmt.max) / 2)}
 
 
-def zone_fractions(values: torch.Tensor, scale: float = 1.0, fmt: str | FloatFormat = "fp16") -> dict[str, float]:
-    """Fractions of ``values * scale`` that the format stores as what.
+ZONES = ("zero", "flushed", "subnormal", "normal", "overflow")  # in order of magnitude
 
-    ``zero``: the value was exactly zero to begin with. ``flushed``: nonzero, but rounds to zero.
-    ``subnormal``: stored with fewer significant bits than a normal number. ``normal``: stored with
-    full precision. ``overflow``: beyond the largest finite value (inf, NaN, or clamped, depending
-    on the format and the cast). Computed by rounding every value, so the boundaries are exact.
+
+def zone_index(values: torch.Tensor, scale: float | torch.Tensor = 1.0, fmt: str | FloatFormat = "fp16") -> torch.Tensor:
+    """For each of ``values * scale``, the index in ``ZONES`` of what the format stores it as.
+
+    Computed by rounding every value, so the boundaries are exact. The index never decreases as
+    ``|value|`` grows (NaN counts as overflow). ``scale`` may be a tensor that broadcasts.
     """
     fmt = get_format(fmt)
-    values = torch.as_tensor(values).detach().flatten()
+    values = torch.as_tensor(values).detach()
     if values.is_complex():
         raise TypeError(f"zone_fractions takes real values, got a {values.dtype} tensor (pass .real, .imag or .abs())")
     if values.dtype == torch.float64:  # float64 keeps magnitudes float32 cannot (1e-300, 1e300): classify them exactly
@@ -561,15 +562,26 @@ def zone_fractions(values: torch.Tensor, scale: float = 1.0, fmt: str | FloatFor
         x = values.float() * scale
         zero = x == 0
         rounded = round_to_format(x, fmt, overflow="nonfinite").abs()
-    n = max(values.numel(), 1)
-    counts = {
-        "zero": zero.sum(),
-        "flushed": ((rounded == 0) & ~zero).sum(),
-        "subnormal": ((rounded > 0) & (rounded < fmt.min_normal)).sum(),
-        "normal": ((rounded >= fmt.min_normal) & (rounded <= fmt.max)).sum(),
-        "overflow": (~torch.isfinite(rounded)).sum(),
-    }
-    return {k: int(v) / n for k, v in counts.items()}
+    index = torch.full(rounded.shape, 4, dtype=torch.long)  # overflow: inf or NaN
+    index[rounded <= fmt.max] = 3
+    index[rounded < fmt.min_normal] = 2
+    index[rounded == 0] = 1
+    index[zero] = 0
+    return index
+
+
+def zone_fractions(values: torch.Tensor, scale: float = 1.0, fmt: str | FloatFormat = "fp16") -> dict[str, float]:
+    """Fractions of ``values * scale`` that the format stores as what.
+
+    ``zero``: the value was exactly zero to begin with. ``flushed``: nonzero, but rounds to zero.
+    ``subnormal``: stored with fewer significant bits than a normal number. ``normal``: stored with
+    full precision. ``overflow``: beyond the largest finite value (inf, NaN, or clamped, depending
+    on the format and the cast). Computed by rounding every value, so the boundaries are exact.
+    """
+    index = zone_index(torch.as_tensor(values).flatten(), scale, fmt)
+    counts = torch.bincount(index, minlength=len(ZONES)).tolist()
+    n = max(index.numel(), 1)
+    return {name: c / n for name, c in zip(ZONES, counts)}
 
 
 def float32_for_rounding(x: torch.Tensor, fmt: str | FloatFormat) -> torch.Tensor:

@@ -13,7 +13,7 @@ import re
 import uuid
 from importlib import resources
 
-from .formats import FloatFormat, get_format, torch_overflow_convention, zone_edges, zone_fractions
+from .formats import ZONES, FloatFormat, get_format, torch_overflow_convention, zone_edges, zone_index
 
 DEFAULT_FORMATS = ("fp32", "tf32", "fp16", "bf16", "e4m3fn", "e5m2")
 
@@ -119,6 +119,37 @@ def scale_explorer_script() -> str:
 SLIDER_LOG2 = (-8, 32)  # the loss-scale explorer's slider: log2(S) from -8 to 32
 
 
+def exact_zones_at_powers_of_two(values, fmt, log2_scales) -> list[dict[str, float]]:
+    """``zone_fractions(values, 2**k, fmt)`` for every k, exact on the zones' edges (2**-25 ties to 0,
+    65520 overflows in FP16), without rounding every value once per k.
+
+    A value's zone never goes down as its magnitude grows, so after one sort each zone boundary is
+    found by bisection, classifying one value per step with ``zone_index`` itself.
+    """
+    import torch
+
+    v = torch.as_tensor(values).detach().flatten()
+    v = v if v.dtype == torch.float64 else v.float()
+    finite = torch.isfinite(v)
+    a = v[finite].abs().sort().values
+    scales = torch.tensor([2.0**k for k in log2_scales], dtype=a.dtype)[:, None].expand(-1, len(ZONES) - 1)
+    rank = torch.arange(1, len(ZONES))[None, :].expand_as(scales)  # boundary r: the first value of zone >= r
+    lo, hi = torch.zeros_like(rank), torch.full_like(rank, a.numel())
+    while bool((lo < hi).any()):
+        mid = (lo + hi) // 2
+        below = zone_index(a[mid.clamp(max=max(a.numel() - 1, 0))], scales, fmt) < rank
+        open_ = lo < hi
+        lo = torch.where(open_ & below, mid + 1, lo)
+        hi = torch.where(open_ & ~below, mid, hi)
+    n, nonfinite = max(v.numel(), 1), int((~finite).sum())  # inf and NaN overflow at every scale
+    out = []
+    for first in lo.tolist():
+        counts = [b - a_ for a_, b in zip([0] + first, first + [a.numel()])]
+        counts[-1] += nonfinite
+        out.append({name: c / n for name, c in zip(ZONES, counts)})
+    return out
+
+
 def scale_histogram(values, fmt: str | FloatFormat = "fp16", width: float = 0.25) -> dict:
     """What the loss-scale explorer needs: a histogram of log2|values| with bins aligned to powers of
     two (to draw), and the exact zone fractions at every power-of-two scale of the slider (to count)."""
@@ -143,9 +174,7 @@ def scale_histogram(values, fmt: str | FloatFormat = "fp16", width: float = 0.25
     bins = torch.floor(torch.log2(nonzero) / width).long()
     first = int(bins.min()) if bins.numel() else 0
     counts = torch.bincount(bins - first).tolist() if bins.numel() else []
-    # The zone table is exact: zone_fractions at every scale the slider offers, so a value on a zone's
-    # edge (2**-25 ties to 0, 65520 overflows) is counted as the cast counts it. The bins only draw.
-    zones = [zone_fractions(v, 2.0**k, fmt) for k in range(SLIDER_LOG2[0], SLIDER_LOG2[1] + 1)]
+    zones = exact_zones_at_powers_of_two(v, fmt, range(SLIDER_LOG2[0], SLIDER_LOG2[1] + 1))
     return {
         "zonesFrom": SLIDER_LOG2[0], "zones": zones,
         "lo": first * width, "width": width, "counts": counts, "zeros": int((v == 0).sum()), "total": int(v.numel()),
