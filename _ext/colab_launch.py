@@ -11,6 +11,7 @@ from __future__ import annotations
 from pathlib import Path
 
 COLAB = "https://colab.research.google.com/github"
+RAW = "https://raw.githubusercontent.com"
 
 
 def colab_url(repository_url: str, branch: str, pagename: str) -> str:
@@ -20,15 +21,32 @@ def colab_url(repository_url: str, branch: str, pagename: str) -> str:
     return f"{COLAB}/{parts[3]}/{parts[4]}/blob/{branch}/{pagename}.ipynb"
 
 
+def notebook_url(repository_url: str, branch: str, pagename: str) -> str:
+    """The chapter's .ipynb itself, to download (readers without Colab open it in Jupyter or Kaggle)."""
+    owner_repo = colab_url(repository_url, branch, pagename).removeprefix(COLAB + "/").split("/blob/")[0]
+    return f"{RAW}/{owner_repo}/{branch}/{pagename}.ipynb"
+
+
+def badge(colab: str, download: str) -> str:
+    return (f'<p class="notebook-links"><a class="reference external" href="{colab}">在 Colab 中打开</a>'
+            f' · <a class="reference external" href="{download}" download>下载笔记本（.ipynb）</a></p>')
+
+
 def add_colab_button(app, pagename, templatename, context, doctree):
     source = Path(app.env.doc2path(pagename))
-    if source.suffix != ".md" or not source.read_text(encoding="utf-8").startswith("---\njupytext"):
-        return  # not a notebook chapter
-    url = colab_url(app.config.html_theme_options.get("repository_url", ""), app.config.colab_branch, pagename)
-    button = {"type": "link", "text": "Colab", "tooltip": "在 Colab 中打开（GPU）", "icon": "_static/images/logo_colab.png", "url": url}
+    if source.suffix != ".md" or not source.read_text(encoding="utf-8").startswith("---\njupytext") or pagename == app.config.root_doc:
+        return  # not a chapter with a notebook (the preface is front matter)
+    repository = app.config.html_theme_options.get("repository_url", "")
+    url = colab_url(repository, app.config.colab_branch, pagename)
+    download = notebook_url(repository, app.config.colab_branch, pagename)
+    buttons = [{"type": "link", "text": "Colab", "tooltip": "在 Colab 中打开（GPU）", "icon": "_static/images/logo_colab.png", "url": url},
+               {"type": "link", "text": ".ipynb", "tooltip": "下载本章的笔记本", "icon": "fas fa-download", "url": download}]
     context.setdefault("header_buttons", []).append(
-        {"type": "group", "tooltip": "运行本章", "icon": "fas fa-rocket", "buttons": [button], "label": "launch-buttons"}
+        {"type": "group", "tooltip": "运行本章", "icon": "fas fa-rocket", "buttons": buttons, "label": "launch-buttons"}
     )
+    body = context.get("body", "")
+    if "</h1>" in body:  # a visible link under the chapter's title, not only in the toolbar
+        context["body"] = body.replace("</h1>", "</h1>" + badge(url, download), 1)
 
 
 def setup(app):

@@ -33,6 +33,30 @@ def test_one_notebook_per_chapter_with_a_setup_cell(tmp_path):
         nbformat.validate(nb_a)
 
 
+def test_exercises_have_a_starter_cell_and_folded_solutions(tmp_path):
+    """Issue 20: in Colab each exercise is followed by a blank cell to answer in, and no solution shows
+    until asked: solution code in form cells (title only), solution prose inside <details>."""
+    for path in colab_notebooks.main(["--out", str(tmp_path), "--source", "x"]):
+        nb = nbformat.read(path, 4)
+        exercises = [i for i, c in enumerate(nb.cells) if c.cell_type == "markdown" and c.source.startswith("### 练习：")]
+        for i in exercises:
+            starter = nb.cells[i + 1]
+            assert "starter" in starter.metadata.get("tags", []) and "在这里写你的解答" in starter.source, (path.name, nb.cells[i].source[:40])
+        solutions = [c for c in nb.cells if c.source.startswith(colab_notebooks.SOLUTION_TITLE)]
+        assert all(c.metadata.get("cellView") == "form" for c in solutions)
+        text = "\n".join(c.source for c in nb.cells)
+        assert "solution-start" not in text and "solution-end" not in text and "<!--starter" not in text, path.name
+        assert text.count("<details>") == text.count("</details>")
+        if path.stem.startswith("0") and path.stem != "08_summary":
+            assert exercises and solutions, f"{path.name}: no exercises or no folded solution code"
+
+
+def test_cross_references_read_as_on_the_site():
+    known = colab_notebooks.references()
+    assert known[("numref", "ch-amp")] == "第 3 章" and known[("ref", "ch-fp8")] == "FP8"
+    assert colab_notebooks.resolve_references("见{numref}`ch-loss-scaling`。", known) == "见第 2 章。"
+
+
 def test_literalinclude_becomes_the_real_source(tmp_path):
     nb = nbformat.read(colab_notebooks.main(["--out", str(tmp_path), "--source", "x"])[5], 4)  # 06_debugging
     source = "\n".join(c.source for c in nb.cells if c.cell_type == "markdown")

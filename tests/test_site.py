@@ -204,3 +204,8 @@ def test_colab_buttons_open_generated_notebooks(build_log):
         colab = [h for h in _parse(path).hrefs if "colab.research.google.com" in h]
         assert colab, f"{path.name} has no Colab button"
         assert all(h.endswith(f"/book/{path.stem}.ipynb") and "/blob/colab/" in h for h in colab), colab
+        page = path.read_text(encoding="utf-8")
+        assert 'class="notebook-links"' in page and "在 Colab 中打开" in page, f"{path.name}: no notebook links under the title"
+        download = [h for h in _parse(path).hrefs if h.startswith("https://raw.githubusercontent.com/")]
+        assert download and all(h.endswith(f"/colab/book/{path.stem}.ipynb") for h in download), download
+    assert "notebook-links" not in (HTML / "book" / "intro.html").read_text(encoding="utf-8")  # front matter: no notebook

@@ -49,7 +49,7 @@ def repository_url() -> str:
 def chapters() -> list[str]:
     """Docnames of the chapters in the table of contents, in order."""
     toc = yaml.safe_load((ROOT / "_toc.yml").read_text())
-    names = [toc["root"]]
+    names = []  # the preface is front matter: no notebook
     for part in toc.get("parts", []):
         names += [c["file"] for c in part.get("chapters", [])]
     return [n for n in names if (ROOT / f"{n}.md").read_text(encoding="utf-8").startswith("---\njupytext")]
@@ -65,20 +65,85 @@ def _python_object(path: Path, name: str) -> str:
 
 _INCLUDE = re.compile(r"```\{literalinclude\} (\S+)\n(?::[^\n]*\n)*?:pyobject: (\S+)\n(?::[^\n]*\n)*```")
 _ADMONITION = re.compile(r":::\{admonition\} ([^\n]*)\n(?::class:[^\n]*\n)?(.*?)\n:::", re.S)
-_EXERCISE = re.compile(r"```\{exercise\} ([^\n]*)\n:label: [^\n]*\n(.*?)\n```", re.S)
+_EXERCISE = re.compile(r"```\{exercise\} ([^\n]*)\n:label: ([^\n]*)\n(.*?)\n```", re.S)
 _SOLUTION_START = re.compile(r"````\{solution-start\}[^\n]*\n(?::class:[^\n]*\n)?````")
 _SOLUTION_END = re.compile(r"````\{solution-end\}\n````")
 _LABEL = re.compile(r"^\([\w-]+\)=\n", re.M)
 _BIBLIOGRAPHY = re.compile(r"```\{bibliography\}\n(?::[^\n]*\n)*```")
 
 
+# Exercises as a reader uses them: a blank cell to answer in after each exercise, and the solution
+# folded until asked for (its prose in <details>, its code in a Colab form cell, which shows only the title).
+STARTER_MARK = "<!--starter:"
+SOLUTION_START, SOLUTION_END = "<!--solution-start-->", "<!--solution-end-->"
+SOLUTION_TITLE = "#@title 解答（代码已折叠：双击展开，或直接运行）\n"
+_MARKS = re.compile(r"(<!--starter:[\w-]+-->|<!--solution-start-->|<!--solution-end-->)")
+_CHECKER_CALL = re.compile(r"^\s*(check_\w+\(.*)$", re.M)
+
+
+def starter_cell(title: str, checker_calls: list[str]) -> str:
+    lines = [f"# 练习：{title}", "# 在这里写你的解答，然后运行本单元。", ""]
+    if checker_calls:
+        names = sorted({call.split("(")[0] for call in checker_calls})
+        lines += ["# 写好后用检查器核对（参数与解答中的调用相同）：", f"# from mixprec.exercises import {', '.join(names)}"]
+        lines += [f"# {call.strip()}" for call in checker_calls]
+    return "\n".join(lines)
+
+
+def solution_checker_calls(cells) -> dict[str, list[str]]:
+    """For each exercise label, the checker calls (``check_...(...)``) its solution's code makes."""
+    calls: dict[str, list[str]] = {}
+    current = None
+    for cell in cells:
+        if cell.cell_type == "markdown":
+            for match in re.finditer(r"solution-start\} (\S+)|solution-end", cell.source):
+                current = match.group(1)
+            continue
+        if current is not None:
+            calls.setdefault(current, []).extend(_CHECKER_CALL.findall(cell.source))
+    return calls
+
+
+_LABELLED_HEADING = re.compile(r"^\(([\w-]+)\)=\n+#+ (.+)$", re.M)
+_FIGURE_NAME = re.compile(r"^mystnb:\n(?:  .*\n)*?    name: ([\w-]+)$", re.M)
+_REFERENCE = re.compile(r"\{(numref|ref)\}`([\w-]+)`")
+
+
+def references() -> dict[tuple[str, str], str]:
+    """What ``{numref}`` and ``{ref}`` of the book's labels read as on the site: ("numref", "ch-amp") ->
+    "第 3 章", ("ref", "ch-amp") -> the chapter's title, ("numref", a figure) -> "图 3.2", ("ref", a
+    section) -> its heading. Numbers follow the table of contents (numbered parts only) and the order
+    of the figures in each chapter, as Sphinx numbers them."""
+    toc = yaml.safe_load((ROOT / "_toc.yml").read_text())
+    out: dict[tuple[str, str], str] = {}
+    number = 0
+    for part in toc.get("parts", []):
+        for chapter in part.get("chapters", []):
+            text = (ROOT / f"{chapter['file']}.md").read_text(encoding="utf-8")
+            headings = _LABELLED_HEADING.findall(text)
+            numbered = part.get("numbered", False)
+            number += numbered
+            for i, (label, heading) in enumerate(headings):
+                out[("ref", label)] = heading.strip()
+                if i == 0 and numbered:
+                    out[("numref", label)] = f"第 {number} 章"
+            for k, name in enumerate(_FIGURE_NAME.findall(text), start=1):
+                out[("numref", name)] = f"图 {number}.{k}" if numbered else "图"
+    return out
+
+
+def resolve_references(text: str, known: dict[tuple[str, str], str]) -> str:
+    return _REFERENCE.sub(lambda m: known.get((m.group(1), m.group(2)), m.group(0)), text)
+
+
 def plain_markdown(text: str, chapter_dir: Path) -> str:
     """MyST directives rewritten as Markdown that Colab renders (roles are left to ``mixprec.notebook.fill``)."""
+    text = resolve_references(text, references())
     text = _INCLUDE.sub(lambda m: "```python\n" + _python_object((chapter_dir / m.group(1)).resolve(), m.group(2)) + "\n```", text)
     text = _ADMONITION.sub(lambda m: f"> **{m.group(1)}**\n>\n" + "\n".join("> " + line for line in m.group(2).splitlines()), text)
-    text = _EXERCISE.sub(lambda m: f"### 练习：{m.group(1)}\n\n{m.group(2)}", text)
-    text = _SOLUTION_START.sub("#### 解答", text)
-    text = _SOLUTION_END.sub("", text)
+    text = _EXERCISE.sub(lambda m: f"### 练习：{m.group(1)}\n\n{m.group(3)}\n\n{STARTER_MARK}{m.group(2).strip()}-->", text)
+    text = _SOLUTION_START.sub(SOLUTION_START, text)
+    text = _SOLUTION_END.sub(SOLUTION_END, text)
     text = _BIBLIOGRAPHY.sub("（参考文献列表见网站。）", text)
     return _LABEL.sub("", text).strip()
 
@@ -111,17 +176,30 @@ def make_notebook(docname: str, source: str) -> nbformat.NotebookNode:
 
     path = ROOT / f"{docname}.md"
     nb = jupytext.read(path)
+    checkers = solution_checker_calls(nb.cells)
+    titles = dict((label.strip(), title) for title, label, _ in _EXERCISE.findall("\n".join(c.source for c in nb.cells if c.cell_type == "markdown")))
     cells = [nbformat.v4.new_code_cell(SETUP.format(source=source), metadata={"id": "setup"})]
+    in_solution = False
     for cell in nb.cells:
         if cell.cell_type == "code":
-            cells.append(nbformat.v4.new_code_cell(cell.source, metadata={k: v for k, v in cell.metadata.items() if k == "tags"}))
+            metadata = {k: v for k, v in cell.metadata.items() if k == "tags"}
+            code = cell.source
+            if in_solution:
+                code, metadata["cellView"] = SOLUTION_TITLE + code, "form"
+            cells.append(nbformat.v4.new_code_cell(code, metadata=metadata))
             continue
         for text in _blocks(plain_markdown(cell.source, path.parent)):
-            if "{glue:" in text:  # numbers computed above: fill them in when the cell runs
-                code = "#@title 正文\nfrom mixprec import notebook\nnotebook.markdown(" + json.dumps(text, ensure_ascii=False) + ")"
-                cells.append(nbformat.v4.new_code_cell(code, metadata={"cellView": "form"}))
-            else:
-                cells.append(nbformat.v4.new_markdown_cell(fill(text)))
+            for piece in _MARKS.split(text):
+                if piece in (SOLUTION_START, SOLUTION_END):
+                    in_solution = piece == SOLUTION_START
+                elif piece.startswith(STARTER_MARK):
+                    label = piece.removeprefix(STARTER_MARK).removesuffix("-->")
+                    cells.append(nbformat.v4.new_code_cell(starter_cell(titles.get(label, label), checkers.get(label, [])),
+                                                           metadata={"tags": ["starter"]}))
+                elif piece.strip() and in_solution:
+                    _add_markdown(cells, f"<details><summary><b>解答</b>（点击展开）</summary>\n\n{piece.strip()}\n\n</details>", fill)
+                else:
+                    _add_markdown(cells, piece, fill)
     out = nbformat.v4.new_notebook(cells=cells)
     out.metadata = {
         "kernelspec": {"name": "python3", "display_name": "Python 3", "language": "python"},
@@ -131,6 +209,17 @@ def make_notebook(docname: str, source: str) -> nbformat.NotebookNode:
     }
     nbformat.validate(out)
     return out
+
+
+def _add_markdown(cells: list, text: str, fill) -> None:
+    """Prose as a Markdown cell, or as a hidden code cell that fills in its glued numbers when run."""
+    if not text.strip():
+        return
+    if "{glue:" in text:  # numbers computed above: fill them in when the cell runs
+        code = "#@title 正文\nfrom mixprec import notebook\nnotebook.markdown(" + json.dumps(text, ensure_ascii=False) + ")"
+        cells.append(nbformat.v4.new_code_cell(code, metadata={"cellView": "form"}))
+    else:
+        cells.append(nbformat.v4.new_markdown_cell(fill(text)))
 
 
 def main(argv: list[str] | None = None) -> list[Path]:

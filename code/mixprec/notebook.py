@@ -62,3 +62,29 @@ def markdown(text: str):
     from IPython.display import Markdown, display
 
     display(Markdown(fill(text)))
+
+
+def markdown_table(header: list[str], rows: list[list]) -> str:
+    """A Markdown table; each cell is written with ``str`` (escape markup in the values first)."""
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(str(cell) for cell in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+_FENCE = re.compile(r"^(`{3,}|:{3,})[^\n]*\n.*?^\1\s*$", re.M | re.S)
+_CJK = re.compile(r"[\u4e00-\u9fff]")
+READING_SPEED = 300  # Chinese characters a minute, a common estimate for technical prose
+
+
+def reading_minutes(paths) -> dict[str, float]:
+    """Minutes to read each MyST chapter's prose (CJK characters outside code, front matter and
+    directives such as exercises, at ``READING_SPEED``), keyed by the chapter's title."""
+    from pathlib import Path
+
+    out = {}
+    for path in paths:
+        text = Path(path).read_text(encoding="utf-8")
+        text = text.split("\n---\n", 1)[1] if text.startswith("---\n") else text
+        title = next((line[2:].strip() for line in text.splitlines() if line.startswith("# ")), Path(path).stem)
+        out[title] = len(_CJK.findall(_FENCE.sub("", text))) / READING_SPEED
+    return out
