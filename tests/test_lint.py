@@ -54,3 +54,42 @@ def test_workflows_are_locked_down():
     gpu = yaml.safe_load((ROOT / ".github" / "workflows" / "gpu-book.yml").read_text())
     triggers = gpu[True] if True in gpu else gpu["on"]  # YAML 1.1 reads the key "on" as True
     assert "pull_request" not in triggers and "pull_request_target" not in triggers
+
+
+# --- the book's own conventions (issue 20) -------------------------------------------------------
+import re  # noqa: E402
+
+_CODE = re.compile(r"^(`{3,}|:{3,})[^\n]*\n.*?^\1\s*$|`[^`\n]+`", re.M | re.S)
+LITERAL_CHAPTER = re.compile(r"第\s*[0-9０-９一二三四五六七八九十]+\s*(?:[–—~-]\s*[0-9]+\s*)?章")
+ASCII_QUOTE_NEAR_CJK = re.compile(r'[\u4e00-\u9fff，。：；、！？（）]"|"[\u4e00-\u9fff，。：；、！？（）]')
+
+
+def prose(text: str) -> str:
+    """A chapter without its code: fenced blocks and directives' bodies, and inline code."""
+    return _CODE.sub("", text)
+
+
+def conventions(text: str) -> list[str]:
+    problems = []
+    for match in LITERAL_CHAPTER.finditer(text):
+        problems.append(f"literal chapter number {match.group(0)!r}: use {{numref}}`ch-...` (the course unit is 第 9 讲)")
+    for lineno, line in enumerate(prose(text).splitlines(), start=1):
+        if ASCII_QUOTE_NEAR_CJK.search(line):
+            problems.append(f"ASCII quote in Chinese prose (write “ ”): {line.strip()[:60]!r}")
+        if "源材料" in line:
+            problems.append(f"'源材料' means nothing to a reader (say 常见说法): {line.strip()[:60]!r}")
+    return problems
+
+
+@pytest.mark.parametrize("path", CHAPTERS, ids=lambda p: p.name)
+def test_book_conventions(path):
+    """No literal "第 N 章" anywhere in a chapter (the PDF and the site number chapters themselves), no
+    ASCII quotes beside Chinese (smartquotes turns them into two right quotes), no "源材料"."""
+    problems = conventions(path.read_text(encoding="utf-8"))
+    assert not problems, f"{path.name}:\n" + "\n".join(problems)
+
+
+def test_conventions_linter_catches_mistakes():
+    assert len(conventions('见第 3 章和第 1–7 章。\n这是"讲故事模型"。\n正如源材料所说。\n')) == 4
+    assert conventions('见{numref}`ch-amp`。\n```python\nprint("第 3 章")\n```\n这是“讲故事模型”，`x = "a"`。\n') == [
+        "literal chapter number '第 3 章': use {numref}`ch-...` (the course unit is 第 9 讲)"]
