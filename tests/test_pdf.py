@@ -107,3 +107,22 @@ def test_figures_included(pdf):
 def test_no_python_object_reprs_in_the_text(pdf_text):
     leaks = re.findall(r"<mixprec\.[\w.]+ at 0x[0-9a-f]+>|CheckResult\(passed=", pdf_text)
     assert not leaks, f"{len(leaks)} outputs print as Python objects, e.g. {leaks[:3]}"
+
+
+def test_chapter_numbers_agree_with_the_site(pdf_text):
+    """Issue 20: "第 N 章" is the same chapter on the site and in the PDF: the preface is front matter,
+    the numbered part is numbered alike, the appendices are unnumbered in both."""
+    text = _squash(pdf_text)
+    numbered = 0
+    for docname in _chapters():
+        page = (HTML / f"{docname}.html").read_text(encoding="utf-8")
+        h1 = re.search(r"<h1>(.*?)</h1>", page, re.S).group(1)
+        site = re.search(r'<span class="section-number">(\d+)\.', h1)
+        title = _squash(_title(docname))
+        if site:
+            numbered += 1
+            assert f"第{site.group(1)}章{title}" in text, f"{docname}: 第 {site.group(1)} 章 on the site, not in the PDF"
+        else:
+            assert not re.search(rf"第\d+章{re.escape(title)}", text), f"{docname}: unnumbered on the site, numbered in the PDF"
+    assert numbered >= 8
+    assert "第1章前言" not in text and "Chapter" not in pdf_text and "Bibliography" not in pdf_text
