@@ -73,7 +73,7 @@ def conventions(text: str) -> list[str]:
     problems = []
     for match in LITERAL_CHAPTER.finditer(text):
         problems.append(f"literal chapter number {match.group(0)!r}: use {{numref}}`ch-...` (the course unit is 第 9 讲)")
-    for lineno, line in enumerate(prose(text).splitlines(), start=1):
+    for line in prose(text).splitlines():
         if ASCII_QUOTE_NEAR_CJK.search(line):
             problems.append(f"ASCII quote in Chinese prose (write “ ”): {line.strip()[:60]!r}")
         if "源材料" in line:
