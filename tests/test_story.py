@@ -12,6 +12,7 @@ from mixprec.fp8 import Float8Linear, linear_from_conv1d, quantization_errors, q
 from mixprec.optim import BF16AdamW
 from mixprec.story import (
     build_model,
+    compare,
     count_parameters,
     distinct_n,
     encode,
@@ -428,3 +429,31 @@ def test_hub_reachable_bounds_the_name_lookup(monkeypatch):
     start = time.perf_counter()
     assert corpus_module.hub_reachable(timeout=0.2) is False
     assert time.perf_counter() - start < 2
+
+
+def test_compare_runs_are_cached_and_come_back_alike(tmp_path, monkeypatch, data, tokenizer):
+    """Issue 22: a compare run is trained once per configuration; a cached run gives the same history and,
+    when asked, the same trained model. Runs whose settings cannot be keyed are trained every time."""
+    from mixprec import cache as mcache
+
+    monkeypatch.setenv("MIXPREC_CACHE", str(tmp_path))
+    setups = {"fp32": "fp32", "bf16": {"precision": "bf16-amp", "lr": 5e-3}}
+    common = {"steps": 2, "batch_size": 2, "block_size": 16, "eval_batches": 1, "progress": False}
+    runs = []
+    for _ in range(2):
+        models = {}
+        runs.append((compare(setups, data, len(tokenizer), tokenizer.eos_token_id, models=models, **common), models))
+    (first, first_models), (second, second_models) = runs
+    assert len([e for e in mcache.entries() if e.name.startswith("compare-")]) == 2
+    for name in setups:
+        assert second[name].as_dict() == first[name].as_dict()
+        a, b = first_models[name], second_models[name]
+        assert a.training == b.training and all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values()))
+    other = compare({"fp32": "fp32"}, data, len(tokenizer), tokenizer.eos_token_id, **{**common, "lr": 1e-3})
+    assert other["fp32"].as_dict() != first["fp32"].as_dict()  # another setting, another entry
+    calls = []
+    compare({"hooked": {"precision": "fp32", "after_backward": lambda step, model: calls.append(step)}}, data, len(tokenizer),
+            tokenizer.eos_token_id, **common)
+    compare({"hooked": {"precision": "fp32", "after_backward": lambda step, model: calls.append(step)}}, data, len(tokenizer),
+            tokenizer.eos_token_id, **common)
+    assert len(calls) == 4  # not keyable: trained both times

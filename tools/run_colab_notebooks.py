@@ -4,8 +4,12 @@
 
 The environment starts with what Colab provides (PyTorch and a Jupyter kernel) and nothing else;
 each notebook's own setup cell installs mixprec, here from this checkout instead of the repository
-URL (the same cell, one variable apart). Notebooks run outside the repository, with their own
-mixprec cache. Writes ``<workdir>/summary.json``: per notebook, the exit status, seconds and the end
+URL (the same cell, one variable apart). Notebooks run outside the repository. They share the book
+build's model cache (``MIXPREC_CACHE``, as ``mixprec.cache.cache_dir`` finds it): the environment
+has the versions of torch, transformers and tokenizers that requirements.txt pins (Colab ships all
+three), and those versions are part of every cache key, so a model the book build trained is the
+model a notebook would train, and is trained once (``--own-cache`` gives the notebooks an empty
+cache of their own). Writes ``<workdir>/summary.json``: per notebook, the exit status, seconds and the end
 of the error output; exits non-zero if any notebook failed.
 """
 
@@ -23,7 +27,20 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import colab_notebooks  # noqa: E402
 
-COLAB_BASE = ["torch==2.13.0", "ipykernel==7.4.0", "nbclient==0.11.0"]  # what Colab has before the setup cell
+COLAB_PACKAGES = ("torch", "transformers", "tokenizers", "ipykernel", "nbclient")  # what Colab has before the setup cell
+
+
+def colab_base() -> list[str]:
+    """The pins of ``COLAB_PACKAGES`` from requirements.txt (the book build's versions)."""
+    pins = {}
+    for line in (ROOT / "requirements.txt").read_text().splitlines():
+        name, sep, version = line.split("#")[0].strip().partition("==")
+        if sep:
+            pins[name.lower()] = f"{name}=={version.strip()}"
+    missing = [name for name in COLAB_PACKAGES if name not in pins]
+    if missing:
+        raise SystemExit(f"requirements.txt pins no version of {missing}")
+    return [pins[name] for name in COLAB_PACKAGES]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -31,6 +48,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--workdir", type=Path, required=True)
     parser.add_argument("--timeout", type=int, default=1800, help="seconds per notebook")
     parser.add_argument("--only", nargs="*", help="run only the notebooks whose names contain one of these")
+    parser.add_argument("--own-cache", action="store_true", help="an empty model cache in the workdir instead of the book build's")
     args = parser.parse_args(argv)
     work = args.workdir.resolve()
     work.mkdir(parents=True, exist_ok=True)
@@ -38,11 +56,15 @@ def main(argv: list[str] | None = None) -> int:
     python = venv / "bin" / "python"
     if not python.exists():
         subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
-        subprocess.run([str(python), "-m", "pip", "install", "--quiet", "--disable-pip-version-check", *COLAB_BASE], check=True)
+    # also in an existing environment: the pins must match the book build's (they are in the cache keys)
+    subprocess.run([str(python), "-m", "pip", "install", "--quiet", "--disable-pip-version-check", *colab_base()], check=True)
     notebooks = colab_notebooks.main(["--out", str(work / "notebooks"), "--source", str(ROOT / "code")])
     if args.only:
         notebooks = [nb for nb in notebooks if any(key in nb.name for key in args.only)]
-    env = {**os.environ, "MIXPREC_CACHE": str(work / "cache"), "PATH": f"{venv / 'bin'}:{os.environ['PATH']}"}
+    from mixprec.cache import cache_dir
+
+    cache = work / "cache" if args.own_cache else cache_dir()
+    env = {**os.environ, "MIXPREC_CACHE": str(cache), "PATH": f"{venv / 'bin'}:{os.environ['PATH']}"}
     env.pop("PYTHONPATH", None)
     summary = []
     for nb in notebooks:

@@ -17,6 +17,16 @@ class TokenData:
     valid: torch.Tensor
     vocab_size: int
 
+    def fingerprint(self) -> str:
+        """A hash of the token streams and the vocabulary size: the data's part of a cache key."""
+        import hashlib
+
+        digest = hashlib.sha256(str(self.vocab_size).encode())
+        for stream in (self.train, self.valid):
+            digest.update(str((stream.dtype, tuple(stream.shape))).encode())
+            digest.update(stream.detach().cpu().contiguous().numpy().tobytes())
+        return digest.hexdigest()
+
     def batch(self, batch_size: int, block_size: int, generator: torch.Generator, split: str = "train") -> tuple[torch.Tensor, torch.Tensor]:
         """``batch_size`` random windows: inputs ``x`` and next-token targets ``y``, both (batch, block)."""
         stream = self._stream(split, block_size)

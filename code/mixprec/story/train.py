@@ -186,16 +186,62 @@ def compare(setups: dict[str, str | dict], data: TokenData, vocab_size: int, eos
     ``setups`` maps a label to a policy name, or to a dict of ``train`` options (``precision``,
     ``scaler``, ``lr``, ``after_backward``…) that override ``train_options`` for that setup. Pass a
     dict as ``models`` to keep the trained models, under the same labels.
-    """
-    from .model import build_model
 
+    A run is a pure function of its settings, the data and the library, so each is cached on disk
+    (``mixprec.cache``) like the storyteller: a chapter and its Colab notebook, or two chapters that
+    train the same baseline, train it once. A run with a setting that cannot be keyed (a callable
+    ``after_backward``) is not cached, nor a kept model whose policy changes its structure or dtypes
+    (FP8 layers, low-precision weights).
+    """
     if not isinstance(setups, dict) or not setups:
         raise ValueError("setups must be a non-empty dict {label: policy name or dict of train options}")
     histories = {}
     for name, setup in setups.items():
-        options = {"precision": setup} if isinstance(setup, str) else dict(setup)
-        model = build_model(size, vocab_size, seed=seed, eos_token_id=eos_token_id)
-        histories[name] = train(model, data, **{"seed": seed, **train_options, **options})
+        options = {"seed": seed, **train_options, **({"precision": setup} if isinstance(setup, str) else dict(setup))}
+        histories[name], model = _one_run(size, vocab_size, eos_token_id, seed, data, options, keep_model=models is not None)
         if models is not None:
             models[name] = model
     return histories
+
+
+def _one_run(size: str, vocab_size: int, eos_token_id: int, seed: int, data: TokenData, options: dict, keep_model: bool):
+    from ..cache import CacheKeyError, cached, key_value, write_json
+    from .model import build_model
+
+    def fresh():
+        return build_model(size, vocab_size, seed=seed, eos_token_id=eos_token_id)
+
+    def run():
+        model = fresh()
+        return train(model, data, **options), model
+
+    policy = get_policy(options.get("precision", "fp32"))
+    plain = policy.fp8 is None and policy.param_dtype == torch.float32 and not policy.master_weights
+    config = {"size": size, "vocab_size": vocab_size, "eos_token_id": eos_token_id, "init_seed": seed, "data": data.fingerprint(),
+              "options": {k: v for k, v in options.items() if k != "progress"}}  # how progress is shown changes nothing trained
+    try:
+        key_value(config, "compare")
+    except CacheKeyError:
+        return run()
+    if keep_model and not plain:
+        return run()
+
+    def build(directory):
+        history, model = run()
+        write_json(directory / "history.json", history.as_dict())
+        write_json(directory / "mode.json", {"training": model.training})
+        torch.save({k: v.detach().cpu() for k, v in model.state_dict().items()}, directory / "model.pt")
+        return history, model
+
+    def load(directory):
+        import json
+
+        history = TrainHistory(**json.loads((directory / "history.json").read_text()))
+        if not keep_model:
+            return history, None
+        model = fresh()
+        model.load_state_dict(torch.load(directory / "model.pt", weights_only=True))
+        model.train(json.loads((directory / "mode.json").read_text())["training"])  # as train() left it
+        return history, model.to(options.get("device") or hw.default_device())
+
+    return cached("compare", config, build, load)
