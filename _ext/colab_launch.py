@@ -1,4 +1,5 @@
-"""A "Colab" launch button on every notebook chapter, pointing at the generated .ipynb.
+"""A "Colab" launch button on every notebook chapter, pointing at the generated .ipynb, and under
+each chapter's title: links to open it in Colab or download it, and the machine the page was built on.
 
 Jupyter Book's own Colab button points Colab at the chapter's MyST .md file, which Colab cannot
 open. ``tools/colab_notebooks.py`` makes one .ipynb per chapter, and the GPU workflow publishes them
@@ -27,9 +28,28 @@ def notebook_url(repository_url: str, branch: str, pagename: str) -> str:
     return f"{RAW}/{owner_repo}/{branch}/{pagename}.ipynb"
 
 
+_BUILT_ON: list[str] = []
+
+
+def built_on() -> str:
+    """The machine this build executes the chapters on, in one line (computed once per build)."""
+    if not _BUILT_ON:
+        import html
+
+        import torch
+        from mixprec import hw
+
+        info = hw.device_info()
+        native = "、".join(f.upper() for f, ok in info.native.items() if ok and f != "fp32") or "无"
+        _BUILT_ON.append(html.escape(f"本页构建于 {info.name}（{info.device.upper()}），PyTorch {torch.__version__}，"
+                                     f"原生支持的低精度格式：{native}，{hw.profile()} 档位"))
+    return _BUILT_ON[0]
+
+
 def badge(colab: str, download: str) -> str:
     return (f'<p class="notebook-links"><a class="reference external" href="{colab}">在 Colab 中打开</a>'
-            f' · <a class="reference external" href="{download}" download>下载笔记本（.ipynb）</a></p>')
+            f' · <a class="reference external" href="{download}" download>下载笔记本（.ipynb）</a>'
+            f'<br><span class="built-on">{built_on()}</span></p>')
 
 
 def add_colab_button(app, pagename, templatename, context, doctree):

@@ -3,7 +3,7 @@
 // Self-contained (no network, no kernel). mixprec/widgets.py inlines it; tests/test_widgets.py
 // runs it in node and checks it against mixprec.formats.zone_fractions.
 //
-// data = {zonesFrom, zones: [...], lo, width, counts: [...], zeros, nonfinite, total, fmt: {flushBelow, minNormal, overflowAt}}
+// data = {zonesFrom, zones: [...], names: {zone: label}, lo, width, counts: [...], zeros, nonfinite, total, fmt: {flushBelow, minNormal, overflowAt}}
 // where zones[k - zonesFrom] is mixprec.formats.zone_fractions at scale 2**k (exact, edges included),
 // counts[i] is the number of nonzero |g| with log2|g| in [lo + i*width, lo + (i+1)*width) (drawn as
 // bars), and the format thresholds are log2 values drawn as the coloured bands.
@@ -18,7 +18,6 @@ var MixprecScale = (function () {
   }
 
   var COLORS = { flushed: "#c0392b", subnormal: "#e67e22", normal: "#2e8b3a", overflow: "#7d3c98" };
-  var NAMES = { zero: "本来就是 0", flushed: "下溢为零", subnormal: "次正规数（有效位减少）", normal: "正规数", overflow: "上溢（inf/NaN）" };
 
   function svg(data, log2scale) {
     var W = 640, H = 170, pad = 30;
@@ -61,9 +60,9 @@ var MixprecScale = (function () {
       plot.innerHTML = svg(data, k);
       var z = zones(data, k);
       if (!z) { body.innerHTML = "<tr><td>没有数据：直方图里没有任何值</td></tr>"; return; }
-      body.innerHTML = Object.keys(NAMES).map(function (name) {
+      body.innerHTML = Object.keys(data.names).map(function (name) {
         var swatch = COLORS[name] ? '<span style="color:' + COLORS[name] + '">■</span> ' : "";
-        return "<tr><td>" + swatch + NAMES[name] + "</td><td>" + (100 * z[name]).toFixed(2) + "%</td></tr>";
+        return "<tr><td>" + swatch + data.names[name] + "</td><td>" + (100 * z[name]).toFixed(2) + "%</td></tr>";
       }).join("");
     }
     slider.value = String(initial);

@@ -117,6 +117,7 @@ def scale_explorer_script() -> str:
 
 
 SLIDER_LOG2 = (-8, 32)  # the loss-scale explorer's slider: log2(S) from -8 to 32
+ZONE_NAMES = {"zero": "本来就是 0", "flushed": "下溢为零", "subnormal": "次正规数（有效位减少）", "normal": "正规数", "overflow": "上溢（inf/NaN）"}
 
 
 def exact_zones_at_powers_of_two(values, fmt, log2_scales) -> list[dict[str, float]]:
@@ -176,7 +177,7 @@ def scale_histogram(values, fmt: str | FloatFormat = "fp16", width: float = 0.25
     counts = torch.bincount(bins - first).tolist() if bins.numel() else []
     zones = exact_zones_at_powers_of_two(v, fmt, range(SLIDER_LOG2[0], SLIDER_LOG2[1] + 1))
     return {
-        "zonesFrom": SLIDER_LOG2[0], "zones": zones,
+        "zonesFrom": SLIDER_LOG2[0], "zones": zones, "names": ZONE_NAMES,
         "lo": first * width, "width": width, "counts": counts, "zeros": int((v == 0).sum()), "total": int(v.numel()),
         "nonfinite": int((~finite).sum()),  # inf or NaN already: they overflow at every scale, as zone_fractions counts them
         "fmt": {"name": fmt.name, "flushBelow": edges["flushed_below"], "minNormal": edges["normal_from"],
@@ -194,8 +195,11 @@ class LossScaleExplorer:
         self.initial = initial_log2_scale
         self.id = "ms-" + uuid.uuid4().hex[:10]
 
-    def _repr_markdown_(self) -> str:  # print editions (PDF): no JavaScript there
-        return f"*（交互式损失缩放浏览器，格式 {escape_markdown(self.data['fmt']['name'])}：请在网页版或 Colab 中使用。）*"
+    def _repr_markdown_(self) -> str:  # print editions (PDF): no JavaScript there, so the table at the first scale
+        zones = self.data["zones"][self.initial - self.data["zonesFrom"]]
+        rows = "\n".join(f"| {ZONE_NAMES[k]} | {100 * v:.2f}% |" for k, v in zones.items())
+        return (f"*交互式损失缩放浏览器（格式 {escape_markdown(self.data['fmt']['name'])}）在网页版和 Colab 中可以拖动 S；"
+                f"印刷版给出 S = 2^{self.initial} 时的结果：*\n\n| 区域 | 比例 |\n|---|---|\n{rows}")
 
     def _repr_html_(self) -> str:
         style = (f"#{self.id} {{ font-family: system-ui, sans-serif; margin: 0.5em 0 1em; }} "
