@@ -93,3 +93,16 @@ def test_conventions_linter_catches_mistakes():
     assert len(conventions('见第 3 章和第 1–7 章。\n这是"讲故事模型"。\n正如源材料所说。\n')) == 4
     assert conventions('见{numref}`ch-amp`。\n```python\nprint("第 3 章")\n```\n这是“讲故事模型”，`x = "a"`。\n') == [
         "literal chapter number '第 3 章': use {numref}`ch-...` (the course unit is 第 9 讲)"]
+
+
+FIGURE_NAME = re.compile(r"^\s*name: (fig-[\w-]+)\s*$", re.M)
+
+
+def test_every_figure_is_referenced_from_the_text():
+    """Issue 20: a figure carries a number and a caption (myst-nb figure metadata) and the prose points
+    at it with {numref}; a figure nobody refers to is one the reader may never look at."""
+    text = "\n".join(p.read_text(encoding="utf-8") for p in CHAPTERS)
+    names = FIGURE_NAME.findall(text)
+    assert len(names) == len(set(names)), f"figure names used twice: {sorted({n for n in names if names.count(n) > 1})}"
+    unreferenced = [n for n in names if f"{{numref}}`{n}`" not in text]
+    assert not unreferenced, f"figures never referenced with {{numref}}: {unreferenced}"

@@ -209,3 +209,17 @@ def test_colab_buttons_open_generated_notebooks(build_log):
         download = [h for h in _parse(path).hrefs if h.startswith("https://raw.githubusercontent.com/")]
         assert download and all(h.endswith(f"/colab/book/{path.stem}.ipynb") for h in download), download
     assert "notebook-links" not in (HTML / "book" / "intro.html").read_text(encoding="utf-8")  # front matter: no notebook
+
+
+def test_every_figure_has_a_number_and_a_caption(build_log):
+    """Issue 20: every image a chapter's code draws sits in a numbered, captioned figure (图 2.1 …)."""
+    loose = []
+    for path in sorted((HTML / "book").glob("*.html")):
+        page = path.read_text(encoding="utf-8")
+        for match in re.finditer(r'<img [^>]*src="\.\./_images/[^"]+"', page):
+            figure_start = page.rfind("<figure", 0, match.start())
+            figure_end = page.rfind("</figure>", 0, match.start())
+            caption = page.find('class="caption-number"', match.start())
+            if figure_start <= figure_end or caption == -1 or caption > page.find("</figure>", match.start()):
+                loose.append(f"{path.name}: {match.group(0)[:80]}")
+    assert not loose, "images without a numbered caption:\n" + "\n".join(loose)
