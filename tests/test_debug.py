@@ -194,7 +194,7 @@ def test_the_fifteen_line_finder_stops_at_the_tracers_first_op(case, monkeypatch
         model.zero_grad(set_to_none=True)
         if found is None:
             return None
-        with pytest.raises(debug.NonFiniteOp) as raised, debug.FindFirstNonFinite():
+        with pytest.raises(clinic.NonFiniteOp) as raised, clinic.FindFirstNonFinite():
             step()
         seen["pair"] = (found, raised.value)
         raise _Stop

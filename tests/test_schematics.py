@@ -4,7 +4,6 @@ import pytest
 import torch
 from mixprec import fp8, schematics
 
-
 # --- chapter 5 (FP8) ------------------------------------------------------------------------------
 
 def _geometric_groups(kind: str, rows: int, cols: int, block: tuple[int, int]) -> torch.Tensor:

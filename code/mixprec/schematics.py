@@ -74,7 +74,7 @@ def _granularity_schemes(scale_down: int = GRANULARITY_SCALE_DOWN):
     ]
 
 
-def scale_groups(config, x) -> "torch.Tensor":
+def scale_groups(config, x):
     """Which elements of ``x`` (2-D, K along the last dimension) share one scale under ``config``, read from
     the library's own scale computation: element j belongs to element i's group when making x[i] a thousand
     times larger changes the scale x[j] is quantized with. Returns a tensor of group ids (0, 1, ... in
