@@ -174,3 +174,34 @@ def test_the_tracer_names_the_op_that_overflowed_under_the_emulation_as_under_re
     assert same(found_real) == same(found_emulated) and found_real.phase == phase
     assert found_real.rounded_by is None and found_emulated.rounded_by == "_to_copy"
     assert found_emulated.op not in ("_to_copy", "copy_") and found_emulated.backward_node != "_RoundBackward"
+
+
+class _Stop(Exception):
+    pass
+
+
+@pytest.mark.parametrize("case", list(clinic.CASES))
+def test_the_fifteen_line_finder_stops_at_the_tracers_first_op(case, monkeypatch):
+    """The chapter shows ``FindFirstNonFinite``; on every clinic case it stops at the op ``trace_nonfinite`` names."""
+    start = {"naive_softmax": 60}.get(case, 0)  # its first inf comes at step 64: skip the tracing before (cost only)
+    seen = {"calls": 0}
+
+    def both(model, step):
+        seen["calls"] += 1
+        if seen["calls"] <= start:
+            return None
+        found = debug.trace_nonfinite(model, step)
+        model.zero_grad(set_to_none=True)
+        if found is None:
+            return None
+        with pytest.raises(clinic.NonFiniteOp) as raised, clinic.FindFirstNonFinite():
+            step()
+        seen["pair"] = (found, raised.value)
+        raise _Stop
+
+    monkeypatch.setattr(clinic, "trace_nonfinite", both)
+    with pytest.raises(_Stop):
+        clinic.run_case(case, fixed=False, steps=start + 20)
+    found, raised = seen["pair"]
+    assert raised.op == found.op, f"{case}: the minimal finder stops at {raised.op}, the tracer names {found.op}"
+    assert raised.phase.startswith("前向") == (found.phase == "forward")

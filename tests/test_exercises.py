@@ -126,3 +126,20 @@ def test_check_tokens_per_second():
     assert X.check_tokens_per_second(right)
     assert not X.check_tokens_per_second(lambda block, eos, seconds: block.numel() / seconds)  # counts the padding
     assert not X.check_tokens_per_second(lambda block, eos, seconds: int((block != eos).sum()) / seconds)  # drops EOS
+
+
+def test_check_e2m1_values():
+    assert X.check_e2m1_values([0, 0.5, 1, 1.5, 2, 3, 4, 6])
+    assert X.check_e2m1_values(torch.tensor([6.0, 4, 3, 2, 1.5, 1, 0.5, 0]))  # any order, a tensor too
+    assert "inf 和 NaN" in str(X.check_e2m1_values([0, 0.5, 1, 1.5, 2, 3, 4]))  # the all-ones code taken for NaN
+    assert "次正规数" in str(X.check_e2m1_values([0, 1, 1.5, 2, 3, 4, 6]))
+    for junk in (None, "0, 0.5", 5, [None], [float("nan")], [-1, 0], range(100), [[0]], object()):
+        assert not X.check_e2m1_values(junk)  # never raises, never passes
+
+
+def test_check_outlier_recipe_channel():
+    assert X.check_outlier_recipe("mxfp8", where="channel")
+    assert not X.check_outlier_recipe("rowwise", where="channel")
+    assert not X.check_outlier_recipe("tensorwise", where="channel")
+    assert not X.check_outlier_recipe("mxfp8", where="column")
+    assert X.check_outlier_recipe("rowwise")  # the token case is unchanged

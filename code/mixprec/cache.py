@@ -47,7 +47,8 @@ MANIFEST_FORMAT = 1
 PACKAGE_DIR = Path(__file__).resolve().parent
 # Modules that only present results (plots, widgets, exercise checkers, the CLI, the clinic's
 # stories): editing them cannot change a trained artifact, so they stay out of the source hash.
-PRESENTATION_ONLY = frozenset({"plots.py", "widgets.py", "exercises.py", "notebook.py", "bench.py", "cli.py", "clinic.py", "cache.py"})
+PRESENTATION_ONLY = frozenset({"plots.py", "widgets.py", "exercises.py", "notebook.py", "bench.py", "cli.py", "clinic.py", "cache.py",
+                               "schematics.py"})  # schematics: drawings only
 # Libraries whose version can change what a trained artifact is (kernels, initialisation, tokenization).
 DEPENDENCIES = ("torch", "transformers", "tokenizers")
 

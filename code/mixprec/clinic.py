@@ -33,6 +33,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
 
 from .amp import get_policy
 from .debug import NonFinite, trace_nonfinite
@@ -268,6 +270,30 @@ class ClinicModel(nn.Module):
 
     def loss(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         return cross_entropy_fp16(logits, labels) if self.bug == "fp16_loss" else cross_entropy_fp32(logits, labels)
+
+
+# --- the chapter's fifteen-line first-NaN finder ------------------------------------------------
+
+class NonFiniteOp(FloatingPointError):
+    """Raised by ``FindFirstNonFinite`` at the first op whose result holds an inf or a NaN."""
+
+    def __init__(self, op: str, phase: str):
+        super().__init__(f"{phase}：{op} 第一个产生了 inf 或 NaN")
+        self.op, self.phase = op, phase
+
+
+class FindFirstNonFinite(TorchDispatchMode):
+    """The chapter's fifteen-line version of ``trace_nonfinite``: stop at the first non-finite result and name
+    its op (no module names, no attribution of a narrowing cast; tests/test_debug.py holds the two equal on every case)."""
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))  # 先照常执行这个运算
+        for t in tree_leaves(out):  # 再检查它的每个浮点输出
+            if isinstance(t, torch.Tensor) and t.is_floating_point() and not torch.isfinite(t).all():
+                node = torch._C._current_autograd_node()  # 反向传播中：正在执行的自动微分节点
+                phase = "前向" if node is None else f"反向（{node.name()}）"
+                raise NonFiniteOp(func.overloadpacket.__name__, phase)
+        return out
 
 
 # --- training -----------------------------------------------------------------------------------

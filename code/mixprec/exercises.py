@@ -413,25 +413,92 @@ def outlier_tensor(seed: int = 0) -> torch.Tensor:
     return x
 
 
-def check_outlier_recipe(recipe: str) -> CheckResult:
-    """Which FP8 recipe quantizes ``outlier_tensor()`` (as a linear layer's input) with the smallest
-    error on the tokens other than the outlier? Answer a recipe name from ``mixprec.fp8.RECIPES``."""
+def outlier_channel_tensor(seed: int = 0) -> torch.Tensor:
+    """A linear layer's input with an outlier feature: 256 tokens × 256 features, feature 7 a hundred thousand times larger."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(256, 256, generator=g)
+    x[:, 7] *= 1e5
+    return x
+
+
+def check_outlier_recipe(recipe: str, where: str = "token") -> CheckResult:
+    """Which FP8 recipe quantizes the outlier tensor (as a linear layer's input, in the forward product) with
+    the smallest error on the values other than the outlier? ``where="token"``: ``outlier_tensor()``, one
+    token (row) is the outlier; ``where="channel"``: ``outlier_channel_tensor()``, one feature (column) is.
+    Answer a recipe name from ``mixprec.fp8.RECIPES``."""
     from .debug import relative_error
     from .fp8 import RECIPES, Float8LinearConfig
 
+    if where not in ("token", "channel"):
+        return CheckResult(False, [f"where 应是 \"token\" 或 \"channel\"，收到 {_short(where)}"])
     if not isinstance(recipe, str) or recipe not in RECIPES:
         return CheckResult(False, [f"请回答一个配方名：{', '.join(RECIPES)}（收到 {_short(recipe)}）"])
-    x = outlier_tensor()
-    others = torch.ones(256, dtype=torch.bool)
-    others[7] = False
+    x = outlier_tensor() if where == "token" else outlier_channel_tensor()
+    others = torch.ones(256, 256, dtype=torch.bool)
+    if where == "token":
+        others[7] = False
+    else:
+        others[:, 7] = False
     errors = {name: relative_error(Float8LinearConfig.from_recipe_name(name).cast_config_input.cast(x, 1)[others], x[others])
               for name in RECIPES}
     best = min(errors.values())
     table = "；".join(f"{name} {err:.2%}" for name, err in errors.items())
     if errors[recipe] <= best * 1.5:  # the per-row and per-block recipes differ only by how they round the scale
-        return CheckResult(True, [f"其余词元的相对误差：{table}。按张量的缩放因子被异常值定死，其余词元挤进次正规数甚至下溢；"
-                                  f"每行（每个词元）或每块有自己的缩放因子，异常值只影响它自己所在的行或块。"])
+        if where == "token":
+            return CheckResult(True, [f"其余词元的相对误差：{table}。按张量的缩放因子被异常值定死，其余词元挤进次正规数甚至下溢；"
+                                      f"每行（每个词元）或每块有自己的缩放因子，异常值只影响它自己所在的行或块。"])
+        return CheckResult(True, [f"其余特征的相对误差：{table}。前向的缩放因子沿内维（特征）分组：一行、一个 1×128 块都含有那个异常特征，"
+                                  f"缩放因子被它定死；块越短，被它拖累的数越少，MX 的 32 个一块最短。"])
     return CheckResult(False, [f"{recipe} 的误差是 {errors[recipe]:.2%}，还有更小的。想一想：异常值所在的那个缩放因子还管着哪些数？"])
+
+
+def e2m1_values() -> list[float]:
+    """Every non-negative value of FP4 E2M1 (OCP MX v1.0): 2 exponent bits, bias 1, 1 mantissa bit, no inf or NaN."""
+    values = []
+    for e in range(4):
+        for m in range(2):
+            values.append(m * 0.5 if e == 0 else (1 + m / 2) * 2.0 ** (e - 1))  # e = 0: subnormal, 2^(1-bias) · 0.m
+    return values
+
+
+def check_e2m1_values(values) -> CheckResult:
+    """Check the list of every non-negative value FP4 E2M1 (MXFP4's element) can hold, 0 included, in any order."""
+    truth = e2m1_values()
+    if isinstance(values, torch.Tensor):
+        values = values.flatten().tolist() if values.numel() < 1000 else values
+    if isinstance(values, (str, bytes)) or not hasattr(values, "__iter__"):
+        return CheckResult(False, [f"需要一个数的列表，例如 [0, 0.5, ...]，收到的是 {type(values).__name__} 类型的 {_short(values)}"])
+    try:
+        answer = list(values)
+    except Exception as error:  # an iterator that fails: report it, never raise
+        return CheckResult(False, [f"读取答案时出错：{type(error).__name__}: {error}"])
+    if len(answer) > 64:
+        return CheckResult(False, [f"E2M1 只有 4 位，至多 16 个编码；你给了 {len(answer)} 个数"])
+    numbers = []
+    for i, v in enumerate(answer):
+        number, problem = _number(v, f"第 {i + 1} 个数")
+        if problem:
+            return CheckResult(False, [problem])
+        numbers.append(number)
+    got = sorted(set(numbers))
+    if any(v < 0 for v in got):
+        return CheckResult(False, ["只列非负值（0 和正数）；负值由符号位给出，与正值对称"])
+    if got == truth:
+        return CheckResult(True, [f"E2M1 的 {len(truth)} 个非负值：{', '.join(f'{v:g}' for v in truth)}。最大值 6 = 1.5 × 2²：没有 inf 和 NaN，"
+                                  "最高的指数也用于普通数；0.5 是唯一的次正规数。"])
+    missing = [v for v in truth if v not in got]
+    extra = [v for v in got if v not in truth]
+    hints = []
+    if 6.0 in missing and 4.0 in got:
+        hints.append("E2M1 没有 inf 和 NaN，全 1 的编码（1.5 × 2²）也是普通数")
+    if 0.5 in missing:
+        hints.append("指数字段为 0 时是次正规数：0.m × 2^(1 - 偏置)")
+    if any(v > 6 for v in extra):
+        hints.append("偏置是 1，最大的指数是 3 - 1 = 2")
+    if 0.25 in extra:
+        hints.append("尾数只有 1 位：次正规数只有 0.5 一个")
+    text = f"少了 {', '.join(f'{v:g}' for v in missing) or '无'}；多了 {', '.join(f'{v:g}' for v in extra) or '无'}。"
+    return CheckResult(False, [text + ("提示：" + "；".join(hints) + "。" if hints else "")])
 
 
 def check_mx_block(amax: float, restored) -> CheckResult:

@@ -1,0 +1,112 @@
+"""The book's schematics state what the library computes: each test fails if a drawing and the code disagree."""
+
+import pytest
+import torch
+from mixprec import fp8, schematics
+
+# --- chapter 5 (FP8) ------------------------------------------------------------------------------
+
+def _geometric_groups(kind: str, rows: int, cols: int, block: tuple[int, int]) -> torch.Tensor:
+    """The groups each granularity should make, from its geometry alone (reading-order ids)."""
+    i, j = torch.meshgrid(torch.arange(rows), torch.arange(cols), indexing="ij")
+    if kind == "tensorwise":
+        key = torch.zeros(rows, cols, dtype=torch.long)
+    elif kind == "axiswise":
+        key = i
+    else:
+        key = (i // block[0]) * (cols // block[1]) + j // block[1]
+    _, ids = torch.unique(key.flatten(), return_inverse=True)
+    return ids.reshape(rows, cols)
+
+
+def test_granularity_grid_draws_the_groups_the_scales_make():
+    fig = schematics.fp8_granularity(rows=8, cols=32)
+    data = fig.schematic_data
+    assert len(data) == 5
+    seen = set()
+    for title, panel in data.items():
+        config, grid = panel["config"], torch.as_tensor(panel["groups"])
+        expected = _geometric_groups(config.granularity, 8, 32, config.block)
+        assert torch.equal(grid, expected), f"{title}: the drawn groups are not the {config.granularity} {config.block} blocks"
+        # and every drawn group really shares one scale in mixprec.fp8, different groups different scales
+        x = torch.rand(8, 32, generator=torch.Generator().manual_seed(3)) * torch.exp2(torch.arange(256.0).reshape(8, 32) % 7)
+        scale = config.quantize(x, 1).scale.expand_as(x)
+        for g in grid.unique():
+            assert scale[grid == g].unique().numel() == 1, f"{title}: group {int(g)} holds several scales"
+        seen.add((config.granularity, config.block, config.scale_mode))
+    down = schematics.GRANULARITY_SCALE_DOWN
+    block = fp8.Float8LinearConfig.from_recipe_name("blockwise")
+    mx = fp8.Float8LinearConfig.from_recipe_name("mxfp8").cast_config_input
+    assert ("blockwise", (1, block.cast_config_input.block[1] // down), "real") in seen
+    assert ("blockwise", (block.cast_config_weight.block[0] // down, block.cast_config_weight.block[1] // down), "real") in seen
+    assert ("mx", (1, mx.block[1] // down), mx.scale_mode) in seen
+    assert {kind for kind, _, _ in seen} == {"tensorwise", "axiswise", "blockwise", "mx"}
+
+
+def test_scale_groups_fails_when_the_scale_is_not_a_partition():
+    class Overlapping:  # a fake config whose scale of x[0, 0] depends on everything: not a partition
+        def quantize(self, t, k_dim):
+            s = t.abs().amax(-1, keepdim=True).expand_as(t).clone()
+            s[0, 0] = t.abs().sum()
+            return fp8.Quantized(t, s, fp8.E4M3)
+
+    with pytest.raises(AssertionError):
+        schematics.scale_groups(Overlapping(), torch.rand(2, 4) + 0.5)
+
+
+def test_operand_diagram_reads_every_operand_from_the_recipes():
+    fig = schematics.fp8_linear_operands()
+    data = fig.schematic_data
+    texts = [t.get_text() for ax in fig.axes for t in ax.texts]
+    assert {recipe for recipe, _, _ in data} == set(fp8.RECIPES)
+    for (recipe, product, index), (fmt, granularity) in data.items():
+        assert f"{fmt}\n{granularity}" in texts, f"{recipe} {product} operand {index}: not drawn"
+
+
+@pytest.mark.parametrize("recipe", fp8.TORCHAO_RECIPES)
+def test_operand_diagram_agrees_with_torchaos_configs(recipe):
+    """The three torchao recipes: format and granularity of every operand as torchao's own config says."""
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        ao = pytest.importorskip("torchao.float8")
+    config = ao.Float8LinearConfig.from_recipe_name(recipe)
+    data = schematics.fp8_linear_operands([recipe]).schematic_data
+    names = {torch.float8_e4m3fn: "E4M3", torch.float8_e5m2: "E5M2"}
+    for product, fields, _ in schematics.LINEAR_PRODUCTS:
+        for index, field in enumerate(fields):
+            cast = getattr(config, field)
+            fmt, granularity = data[recipe, product, index]
+            if cast.scaling_type.value == "disabled":
+                assert fmt == "BF16", f"{recipe} {field}: torchao keeps it in high precision"
+                continue
+            assert fmt == names[cast.target_dtype or torch.float8_e5m2 if "grad_output" in field else cast.target_dtype or torch.float8_e4m3fn]
+            kind = cast.scaling_granularity.value  # "tensorwise" or "axiswise"
+            assert granularity.startswith({"tensorwise": ("张量", "tensor"), "axiswise": ("行", "row")}[kind]), (recipe, field, granularity)
+            assert granularity.endswith("2ᵏ") == bool(config.round_scales_to_power_of_2), (recipe, field, granularity)
+
+
+# --- chapter 6 (debugging) ------------------------------------------------------------------------
+
+def test_clinic_stages_are_the_models_modules():
+    from mixprec import clinic, debug
+
+    children = {name for name, _ in clinic.ClinicModel().named_children()}
+    for name, _ in schematics.CLINIC_STAGES:
+        assert name in children or name in ("", debug.OUTSIDE), f"{name}: not a module of clinic.ClinicModel"
+    assert schematics.clinic_stage("attn.q") == "attn"
+    with pytest.raises(ValueError):
+        schematics.clinic_stage("nowhere")
+
+
+@pytest.mark.parametrize("case", ["layernorm_eps", "fp16_loss", "additive_mask"])  # each fails on its first step
+def test_clinic_figure_marks_the_stage_a_real_run_fails_in(case):
+    from mixprec import clinic
+
+    found = clinic.run_case(case, fixed=False, steps=1).first_failure
+    fig = schematics.clinic_model({case: found}, titles={case: "病例"})
+    stage = fig.schematic_data[case]
+    assert stage == {"layernorm_eps": "norm", "fp16_loss": "(模型之外)", "additive_mask": "attn"}[case]
+    texts = [t.get_text() for t in fig.axes[0].texts]
+    assert f"病例\n{found.op} → {found.kind}" in texts
