@@ -290,27 +290,6 @@ def test_generate_leaves_the_model_alone(precision, tokenizer):
     assert all(after[k].dtype == torch.float32 and torch.equal(after[k], before[k]) for k in before)
 
 
-
-def test_with_rounded_weights_is_fp8_weight_for_the_same_rounding_and_groups_along_the_inputs(tokenizer):
-    from mixprec import fp8
-    from mixprec.story import with_rounded_weights
-
-    model = tiny(tokenizer)
-    before = {k: v.clone() for k, v in model.state_dict().items()}
-    mine = with_rounded_weights(model, lambda w: fp8.quantize_tensorwise(w).dequantize(), "e4m3")
-    policy = for_inference(model, "fp8-weight")
-    assert all(torch.equal(a, b) for a, b in zip(mine.model.parameters(), policy.model.parameters()))
-    assert all(torch.equal(model.state_dict()[k], v) for k, v in before.items())
-    # each matrix arrives as (outputs, inputs): a Conv1D's (inputs, outputs) weight transposed
-    shapes = []
-    with_rounded_weights(model, lambda w: shapes.append(tuple(w.shape)) or w)
-    attn = model.transformer.h[0].attn.c_attn.weight  # Conv1D: (n_embd, 3 n_embd)
-    assert (attn.shape[1], attn.shape[0]) in shapes and tuple(model.transformer.wte.weight.shape) in shapes
-    out = generate(mine, tokenizer, "Once upon a time", max_new_tokens=4)
-    assert 1 <= len(out.token_ids) <= 4
-    with pytest.raises(ValueError, match="shape"):
-        with_rounded_weights(model, lambda w: w[:1])
-
 def test_generate_is_seeded(tokenizer):
     model = tiny(tokenizer)
     prepared = for_inference(model, "fp32")

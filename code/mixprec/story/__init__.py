@@ -11,7 +11,7 @@ from ..cache import cached, key_value, write_json
 from ..step import TrainHistory
 from .corpus import GrammarScore, StoryData, generate_stories, grammar_score, load_stories, split_sentences
 from .data import TokenData, encode
-from .generate import Generation, InferenceModel, for_inference, generate, with_rounded_weights
+from .generate import Generation, InferenceModel, for_inference, generate
 from .inference import AdaptiveGenerator, GenerationTiming, PrecisionProfile, count_generated, time_generation
 from .metrics import distinct_n, greedy_agreement, next_token_kl, next_token_logits, perplexity, token_entropy, token_kl, unigram_entropy
 from .model import SIZES, build_model, count_parameters, load_pretrained_gpt2
@@ -23,7 +23,7 @@ __all__ = [
     "token_entropy", "GrammarScore", "Generation", "InferenceModel", "StoryData", "TokenData", "TrainHistory", "build_model", "compare", "count_parameters",
     "distinct_n", "encode", "evaluate", "for_inference", "gradient_sample", "generate", "generate_stories", "grammar_score", "greedy_agreement",
     "load_pretrained_gpt2", "load_stories", "model_for_generation", "next_token_kl", "perplexity", "split_sentences", "storyteller", "token_kl", "train",
-    "train_tokenizer", "unigram_entropy", "with_rounded_weights",
+    "train_tokenizer", "unigram_entropy",
 ]
 
 

@@ -8,7 +8,6 @@ FP16 weights. ``for_inference`` therefore returns a converted *copy* when a conv
 from __future__ import annotations
 
 import contextlib
-import copy
 import math
 import time
 from dataclasses import dataclass, field
@@ -55,36 +54,6 @@ def for_inference(model: torch.nn.Module, precision: str | Policy | None = None)
     policy = get_policy("fp32" if precision is None else precision)  # unknown names fail with the list of valid ones
     return InferenceModel(policy.inference_model(model), policy.name, policy)
 
-
-
-def with_rounded_weights(model: torch.nn.Module, rounding, name: str = "rounded-weights") -> InferenceModel:
-    """A copy of ``model`` for inference whose weight matrices are replaced by ``rounding(w)``; the caller's model is untouched.
-
-    ``rounding`` takes a matrix as (outputs, inputs) and returns its rounded values (dequantized, same shape
-    and dtype): weight-only quantization, emulated (activations stay FP32), e.g. 4-bit integers with a
-    scale per group of inputs. GPT-2's ``Conv1D`` stores its weight as (inputs, outputs): it is transposed
-    for ``rounding`` and back, so a group along the last dimension is a group of inputs that one dot
-    product sums over. As ``fp8-weight`` does, every 2-D parameter is rounded (the embeddings, tied to the
-    output layer, included); biases and LayerNorm stay FP32. ``name`` labels the result.
-    """
-    from transformers.pytorch_utils import Conv1D
-
-    if isinstance(model, InferenceModel):
-        raise ValueError("give the original model, not one already prepared for inference")
-    if not callable(rounding):
-        raise TypeError(f"rounding must be a function of a weight matrix, got {type(rounding).__name__}")
-    copy_ = copy.deepcopy(model)
-    transposed = {id(m.weight) for m in copy_.modules() if isinstance(m, Conv1D)}
-    with torch.no_grad():
-        for p in copy_.parameters():
-            if p.dim() != 2:
-                continue
-            w = p.t() if id(p) in transposed else p
-            rounded = rounding(w.detach().clone())
-            if not isinstance(rounded, torch.Tensor) or rounded.shape != w.shape:
-                raise ValueError(f"rounding must return a tensor of the weight's shape {tuple(w.shape)}")
-            w.copy_(rounded)
-    return InferenceModel(copy_, name)
 
 def until_eos(token_ids: list[int], eos_token_id: int) -> list[int]:
     """The tokens really generated: up to and including the first EOS; what ``generate`` pads after it is dropped."""
