@@ -284,7 +284,8 @@ class NonFiniteOp(FloatingPointError):
 
 class FindFirstNonFinite(TorchDispatchMode):
     """The chapter's fifteen-line version of ``trace_nonfinite``: stop at the first non-finite result and name
-    its op (no module names, no attribution of a narrowing cast; tests/test_debug.py holds the two equal on every case)."""
+    its op (no module names, no attribution of a narrowing cast). On every clinic case it stops at the op
+    ``trace_nonfinite`` names (tested)."""
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))  # 先照常执行这个运算
