@@ -109,3 +109,44 @@ def test_fp8_linears_keep_no_fp8_weight_copy_through_the_step(recipe):
                     {layer.weight.untyped_storage().data_ptr(), x.untyped_storage().data_ptr()}]
     assert not weight_sized, f"{recipe}: {len(weight_sized)} weight-sized copies saved for the backward"
     assert get_policy(f"fp8:{recipe}").bytes_per_parameter()["autocast_cache"] <= get_policy("bf16-amp").bytes_per_parameter()["autocast_cache"]
+
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_chapter_master_weights_is_master_weights(dtype):
+    """Chapter 3's short teaching version (a code cell) trains bit-for-bit as the library's MasterWeights."""
+    import sys
+    from pathlib import Path
+
+    from mixprec.amp import MasterWeights
+
+    root = Path(__file__).resolve().parents[1]
+    sys.path.insert(0, str(root / "tools"))
+    try:
+        from execute_chapters import code_cells
+    finally:
+        sys.path.pop(0)
+    cells = [c for c in code_cells((root / "book" / "03_amp.md").read_text(encoding="utf-8")) if "class SimpleMasterWeights" in c]
+    assert len(cells) == 1, "chapter 3 shows SimpleMasterWeights in one code cell"
+    namespace = {"torch": torch}
+    exec(cells[0], namespace)
+    simple = namespace["SimpleMasterWeights"]
+    assert len([line for line in cells[0].splitlines() if line.strip()]) <= 15
+
+    def run(cls):
+        torch.manual_seed(0)
+        net = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.GELU(), torch.nn.Linear(16, 4))
+        mw = cls(net, dtype)
+        opt = torch.optim.AdamW(mw.master, lr=1e-2)
+        g = torch.Generator().manual_seed(1)
+        for _ in range(5):
+            x, y = torch.randn(32, 8, generator=g).to(dtype), torch.randint(0, 4, (32,), generator=g)
+            torch.nn.functional.cross_entropy(net(x).float(), y).backward()
+            mw.grads_to_master()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            mw.to_working()
+        return [p.detach().clone() for p in net.parameters()] + [m.detach().clone() for m in mw.master]
+
+    for a, b in zip(run(MasterWeights), run(simple), strict=True):
+        assert a.dtype == b.dtype and torch.equal(a, b)

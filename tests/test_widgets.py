@@ -91,3 +91,39 @@ console.log(JSON.stringify(Object.keys(table).map(p => MixprecMemory.breakdown(t
         assert got == memory_breakdown(124_439_808, policy)
     page = MemoryCalculator()._repr_html_()
     assert "MixprecMemory.mount" in page and "https://" not in page
+
+
+@pytest.mark.skipif(shutil.which("node") is None, reason="node is not installed")
+def test_memory_calculator_activations_match_python(tmp_path):
+    """The calculator's GPT-2 shape and activation bytes are mixprec.amp's; its rows are chapter 3's policies; an 80 GB line."""
+    from importlib import resources
+
+    from mixprec.amp_schematics import activation_bytes, gpt2_parameters, gpt2_shape
+    from mixprec.widgets import AMP_CHAPTER_POLICIES, MemoryCalculator
+
+    calc = MemoryCalculator(124.4, batch=8, seq=1024)
+    assert list(calc.table) == list(AMP_CHAPTER_POLICIES) and 5 <= len(calc.table) <= 6
+    assert gpt2_parameters(12, 768) == 124_439_808 and gpt2_shape(124_439_808) == pytest.approx((12, 768))
+    cases = [(124_439_808, 8 * 1024), (1_558_000_000, 4 * 2048), (350e6, 1)]
+    script = tmp_path / "act.js"
+    script.write_text(resources.files("mixprec").joinpath("memory_calculator.js").read_text() + """
+const [act, cases] = JSON.parse(process.argv[2]);
+console.log(JSON.stringify(Object.keys(act).map(p => cases.map(([n, tokens]) => {
+  const [layers, width] = MixprecMemory.shape(n);
+  return [layers, width, MixprecMemory.activations(act[p], layers, width, tokens)];
+}))));
+""")
+    res = subprocess.run(["node", str(script), json.dumps([calc.activations, cases])], capture_output=True, text=True, check=True)
+    for policy, rows in zip(calc.activations, json.loads(res.stdout)):
+        for (n, tokens), (layers, width, got) in zip(cases, rows):
+            assert (layers, width) == pytest.approx(gpt2_shape(n), rel=1e-12)
+            assert got == pytest.approx(activation_bytes(calc.activations[policy], *gpt2_shape(n), tokens), rel=1e-12)
+    # mixed precision saves fewer activation bytes than FP32, and the low-precision model fewer still
+    c = calc.activations
+    assert c["bf16-pure"]["layer"] < c["bf16-amp"]["layer"] < c["fp32"]["layer"] and c["fp16-amp"] == c["bf16-amp"]
+    page = calc._repr_html_()
+    assert "mm-batch" in page and "mm-limit" in page and "80 GB" in page and "fp8" not in page
+    with pytest.raises(ValueError, match="batch must be"):
+        MemoryCalculator(124.4, batch=0)
+    with pytest.raises(ValueError, match="policies must name"):
+        MemoryCalculator(124.4, policies=("nope",))

@@ -46,9 +46,9 @@ MANIFEST = "manifest.json"
 MANIFEST_FORMAT = 1
 PACKAGE_DIR = Path(__file__).resolve().parent
 # Modules that only present results (plots, widgets, exercise checkers, the CLI, the clinic's
-# stories): editing them cannot change a trained artifact, so they stay out of the source hash.
-PRESENTATION_ONLY = frozenset({"plots.py", "widgets.py", "exercises.py", "notebook.py", "bench.py", "cli.py", "clinic.py", "cache.py",
-                               "schematics.py"})  # schematics: drawings only
+# stories, the schematics): editing them cannot change a trained artifact, so they stay out of the source hash.
+PRESENTATION_ONLY = frozenset({"plots.py", "schematics.py", "amp_schematics.py", "widgets.py", "exercises.py", "notebook.py", "bench.py",
+                               "cli.py", "clinic.py", "cache.py"})
 # Libraries whose version can change what a trained artifact is (kernels, initialisation, tokenization).
 DEPENDENCIES = ("torch", "transformers", "tokenizers")
 

@@ -221,18 +221,36 @@ class LossScaleExplorer:
 
 
 MAX_MILLIONS = 1e9  # 10**15 parameters: far beyond any model, and still exact in the page's arithmetic
+AMP_CHAPTER_POLICIES = ("fp32", "fp16-amp", "bf16-amp", "fp16-master", "bf16-master", "bf16-pure")  # those chapter 3 introduces
+MEMORY_LIMIT_GIB = 80  # one A100 or H100 80GB
 
 
 class MemoryCalculator:
-    """Type a parameter count; see weights, gradients, optimizer state and autocast cache per policy."""
+    """Type a parameter count, a batch size and a sequence length; see weights, gradients, optimizer state,
+    autocast's weight cache and the saved activations per policy, against an 80 GB card.
 
-    def __init__(self, millions: float = 124.4):
-        from .amp import BYTES_PER_PARAMETER
+    ``policies``: the rows (default: the policies chapter 3 introduces). ``activations=False`` leaves the
+    activations out (model state only, no batch or sequence inputs). Activation bytes per token come from
+    ``mixprec.amp.activation_coefficients`` (measured on small GPT-2s when the calculator is built) and are scaled
+    to a GPT-2 of the typed size with GPT-2 small's proportions (``mixprec.amp.gpt2_shape``).
+    """
 
-        self.table = BYTES_PER_PARAMETER
+    def __init__(self, millions: float = 124.4, batch: int = 8, seq: int = 1024, policies: tuple[str, ...] = AMP_CHAPTER_POLICIES,
+                 activations: bool = True):
+        from .amp import BYTES_PER_PARAMETER, get_policy
+        from .amp_schematics import activation_coefficients
+
         if isinstance(millions, bool) or not isinstance(millions, (int, float)) or not (math.isfinite(millions) and 0 <= millions <= MAX_MILLIONS):
             raise ValueError(f"millions must be a number of millions of parameters in 0..{MAX_MILLIONS:g}, got {millions!r}")
-        self.millions = float(millions)
+        for name, value in (("batch", batch), ("seq", seq)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be a whole number >= 1, got {value!r}")
+        unknown = [p for p in policies if p not in BYTES_PER_PARAMETER]
+        if not policies or unknown:
+            raise ValueError(f"policies must name memory policies ({', '.join(BYTES_PER_PARAMETER)}); unknown: {unknown}")
+        self.table = {p: BYTES_PER_PARAMETER[p] for p in policies}
+        self.activations = {p: activation_coefficients(get_policy(p)) for p in policies} if activations else None
+        self.millions, self.batch, self.seq = float(millions), batch, seq
         self.id = "mm-" + uuid.uuid4().hex[:10]
 
     def _repr_markdown_(self) -> str:  # print editions (PDF): no JavaScript there
@@ -240,19 +258,30 @@ class MemoryCalculator:
 
     def _repr_html_(self) -> str:
         script = _script("memory_calculator.js")
-        legend = " ".join(
-            f'<span style="color:{c}">■</span> {n}'
-            for c, n in (("#1f5fbf", "权重"), ("#e67e22", "梯度"), ("#7d3c98", "优化器状态"), ("#95a5a6", "autocast 权重缓存"))
-        )
-        style = (f"#{self.id} {{ font-family: system-ui, sans-serif; margin: 0.5em 0 1em; }} #{self.id} input {{ width: 8em; }} "
-                 f"#{self.id} table {{ border-collapse: collapse; width: 100%; font-size: 0.9em; margin-top: 0.5em; }} "
-                 f"#{self.id} td {{ padding: 3px 10px; border-bottom: 1px solid #ddd; white-space: nowrap; }}")
+        parts = (("#1f5fbf", "权重"), ("#e67e22", "梯度"), ("#7d3c98", "优化器状态"), ("#95a5a6", "autocast 权重缓存"))
+        legend = " ".join(f'<span style="color:{c}">■</span> {n}' for c, n in parts + ((("#2e8b3a", "激活"),) if self.activations else ()))
+        legend += f' <span style="color:#c0392b">┆</span> {MEMORY_LIMIT_GIB} GB 显存' if self.activations else ""
+        i = f"#{self.id}"
+        style = (f"{i} {{ font-family: system-ui, sans-serif; margin: 0.5em 0 1em; }} {i} input {{ width: 7em; margin-right: 0.8em; }} "
+                 f"{i} .mp-scroll {{ overflow-x: auto; max-width: 100%; }} "
+                 f"{i} table {{ border-collapse: collapse; width: 100%; font-size: 0.9em; margin-top: 0.5em; }} "
+                 f"{i} td, {i} th {{ padding: 3px 8px; border-bottom: 1px solid #ddd; white-space: nowrap; text-align: left; }} "
+                 f"{i} .mm-shape {{ color: #666; font-size: 0.85em; }} "
+                 f"html[data-theme=dark] {i} code {{ color: #e6e6e6; background: transparent; }} "
+                 f"html[data-theme=dark] {i} td, html[data-theme=dark] {i} th {{ border-bottom-color: #555; }} "
+                 f"html[data-theme=dark] {i} .mm-shape {{ color: #aaa; }}")
+        inputs = '<label>参数量（百万）：<input type="number" min="0" step="any"></label>'
+        if self.activations:
+            inputs += ('<label>批大小：<input class="mm-batch" type="number" min="1" step="1"></label>'
+                       '<label>序列长度：<input class="mm-seq" type="number" min="1" step="1"></label>'
+                       '<div class="mm-shape"></div>')
+        header = "".join(f"<th>{h}</th>" for h in ("策略", "权重+梯度+状态", "激活", "合计", ""))
         return (
-            f'<div id="{self.id}" class="mixprec-explorer"><style>{style}</style>'
-            '<label>参数量（百万）：<input type="number" min="0" step="any"></label> '
-            f'<span style="font-size:0.85em;margin-left:1em">{legend}</span>'
-            "<table><tbody></tbody></table>"
+            f'<div id="{self.id}" class="mixprec-explorer"><style>{style}</style>{inputs}'
+            f'<div style="font-size:0.85em;margin-top:0.3em">{legend}</div>'
+            f'<div class="mp-scroll"><table><thead><tr>{header}</tr></thead><tbody></tbody></table></div>'
             f"<script>{script}\nMixprecMemory.mount(document.getElementById(\"{self.id}\"), {script_json(self.table)}, "
-            f"{script_json(self.millions)}, {script_json(MAX_MILLIONS)});</script>"
+            f"{script_json(self.millions)}, {script_json(MAX_MILLIONS)}, {script_json(self.activations)}, {self.batch}, {self.seq}, "
+            f"{MEMORY_LIMIT_GIB});</script>"
             "</div>"
         )
