@@ -60,7 +60,7 @@ def test_cross_references_read_as_on_the_site():
 def test_literalinclude_becomes_the_real_source(tmp_path):
     nb = nbformat.read(colab_notebooks.main(["--out", str(tmp_path), "--source", "x"])[5], 4)  # 06_debugging
     source = "\n".join(c.source for c in nb.cells if c.cell_type == "markdown")
-    assert "def trace_nonfinite(model: torch.nn.Module, step: Callable[[], object]) -> NonFinite | None:" in source
+    assert "class FindFirstNonFinite(TorchDispatchMode):" in source and "def softmax_stable(" in source
 
 
 def test_notebooks_run_in_a_fresh_environment(colab_run):
