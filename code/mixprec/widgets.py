@@ -14,6 +14,7 @@ import uuid
 from importlib import resources
 
 from .formats import ZONES, FloatFormat, get_format, torch_overflow_convention, zone_edges, zone_index
+from .notebook import markdown_table
 
 DEFAULT_FORMATS = ("fp32", "tf32", "fp16", "bf16", "e4m3fn", "e5m2")
 
@@ -197,9 +198,9 @@ class LossScaleExplorer:
 
     def _repr_markdown_(self) -> str:  # print editions (PDF): no JavaScript there, so the table at the first scale
         zones = self.data["zones"][self.initial - self.data["zonesFrom"]]
-        rows = "\n".join(f"| {ZONE_NAMES[k]} | {100 * v:.2f}% |" for k, v in zones.items())
+        table = markdown_table(["区域", "比例"], [[ZONE_NAMES[k], f"{100 * v:.2f}%"] for k, v in zones.items()])
         return (f"*交互式损失缩放浏览器（格式 {escape_markdown(self.data['fmt']['name'])}）在网页版和 Colab 中可以拖动 S；"
-                f"印刷版给出 S = 2^{self.initial} 时的结果：*\n\n| 区域 | 比例 |\n|---|---|\n{rows}")
+                f"印刷版给出 S = 2^{self.initial} 时的结果：*\n\n{table}")
 
     def _repr_html_(self) -> str:
         style = (f"#{self.id} {{ font-family: system-ui, sans-serif; margin: 0.5em 0 1em; }} "
