@@ -129,7 +129,7 @@ def test_every_page_loads_without_javascript_errors(browser, site):
     assert not errors, "JavaScript errors:\n" + "\n".join(errors)
 
 
-@pytest.mark.parametrize("chapter, count", [("01_formats", 1), ("02_loss_scaling", 1), ("03_amp", 1)])
+@pytest.mark.parametrize("chapter, count", [("01_formats", 1), ("02_loss_scaling", 1), ("03_amp", 1), ("05_fp8", 1)])
 def test_explorers_respond_to_input_offline(browser, site, chapter, count):
     errors: list[str] = []
     page = _open(browser, f"{site}book/{chapter}.html", errors)
@@ -137,12 +137,15 @@ def test_explorers_respond_to_input_offline(browser, site, chapter, count):
     assert explorers.count() >= count
     for i in range(explorers.count()):
         root = explorers.nth(i)
-        field = root.locator("input").first
+        field = root.locator("input, select").first
         before = root.inner_text()
         assert before.strip(), f"explorer {i} in {chapter} rendered nothing"
-        kind = field.get_attribute("type")
-        new_value = {"range": "20", "number": "7000", "text": "65520"}[kind]
-        field.evaluate("(el, v) => { el.value = v; el.dispatchEvent(new Event('input', {bubbles: true})); }", new_value)
+        kind = field.get_attribute("type") or "select"
+        if kind == "select":  # the FP8 scaling explorer: choose the last option
+            field.select_option(index=field.locator("option").count() - 1)
+        else:
+            new_value = {"range": "20", "number": "7000", "text": "65520"}[kind]
+            field.evaluate("(el, v) => { el.value = v; el.dispatchEvent(new Event('input', {bubbles: true})); }", new_value)
         after = root.inner_text()
         assert after != before, f"explorer {i} ({kind}) in {chapter} did not respond to input"
     assert not errors, errors

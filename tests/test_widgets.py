@@ -127,3 +127,69 @@ console.log(JSON.stringify(Object.keys(act).map(p => cases.map(([n, tokens]) => 
         MemoryCalculator(124.4, batch=0)
     with pytest.raises(ValueError, match="policies must name"):
         MemoryCalculator(124.4, policies=("nope",))
+
+
+def _activation_with_spread():
+    g = torch.Generator().manual_seed(0)
+    return torch.randn(256, 128, generator=g) * torch.exp2(torch.randint(-4, 4, (256, 128), generator=g).float())
+
+
+def test_fp8_explorer_outcomes_are_what_mixprec_fp8_does():
+    """The explorer's numbers are mixprec.fp8's own, and a larger outlier channel pushes the other values of a
+    per-tensor scale into subnormals and zero, while small blocks keep them."""
+    from mixprec import fp8
+    from mixprec.debug import relative_error
+    from mixprec.widgets import OUTLIER_FACTORS, fp8_scaling_outcomes
+
+    x = _activation_with_spread()
+    data = fp8_scaling_outcomes(x, channel=5)
+    assert data["schemes"][0] == "按张量" and [f["name"] for f in data["formats"]] == ["e4m3fn", "e5m2"]
+    k = OUTLIER_FACTORS.index(1000)
+    t = x.clone()
+    t[:, 5] *= 1000
+    q = fp8.quantize_tensorwise(t, F.E4M3).dequantize()
+    tensorwise = data["outcomes"][0][0]
+    assert tensorwise[k]["error"] == relative_error(q, t)
+    assert tensorwise[k]["flushed"] == ((q == 0) & (t != 0)).sum().item() / (t != 0).sum().item()
+    assert tensorwise[k]["scales"] == 1 and data["outcomes"][1][0][k]["scales"] == 2 and data["outcomes"][3][0][k]["scales"] == 1024
+    for per_format in data["outcomes"]:
+        for per_factor in per_format:
+            for o in per_factor:
+                assert sum(o["counts"]) == (x != 0).sum().item() and len(o["counts"]) == data["bins"]
+    shares = [o["flushed"] + o["subnormal"] for o in tensorwise]
+    assert shares == sorted(shares) and shares[-1] > 10 * shares[0] + 0.01
+    assert data["outcomes"][3][0][-1]["flushed"] + data["outcomes"][3][0][-1]["subnormal"] < shares[-1] / 2  # 1×32 blocks
+    assert max(o["clipped"] for o in tensorwise) == 0 and data["outcomes"][4][0][0]["clipped"] > 0  # MX's floor rule clips
+    with pytest.raises(ValueError, match="multiples of 128"):
+        fp8_scaling_outcomes(torch.ones(100, 128))
+    with pytest.raises(ValueError, match="channel"):
+        fp8_scaling_outcomes(x, channel=128)
+
+
+@pytest.mark.skipif(shutil.which("node") is None, reason="node is not installed")
+def test_fp8_explorer_javascript_shows_the_python_outcomes(tmp_path):
+    from importlib import resources
+
+    from mixprec.widgets import Fp8ScalingExplorer
+
+    explorer = Fp8ScalingExplorer(_activation_with_spread(), channel=5)
+    data = explorer.data
+    script = tmp_path / "fp8.js"
+    script.write_text(resources.files("mixprec").joinpath("fp8_explorer.js").read_text() + """
+const data = JSON.parse(require('fs').readFileSync(process.argv[2], 'utf8'));
+const o = MixprecFp8.outcome(data, 4, 1, 2);
+console.log(JSON.stringify([o, (MixprecFp8.svg(data, 1, o).match(/class="bar"/g) || []).length,
+                            MixprecFp8.rows(o).map(r => r[1]), MixprecFp8.outcome(data, 9, 0, 0)]));
+""")
+    payload = tmp_path / "data.json"
+    payload.write_text(json.dumps(data))
+    res = subprocess.run(["node", str(script), str(payload)], capture_output=True, text=True, check=True)
+    got, bars, shown, missing = json.loads(res.stdout)
+    want = data["outcomes"][4][1][2]
+    assert got == want and bars == sum(1 for c in want["counts"] if c) and missing is None
+    assert shown[1] == f"{100 * want['error']:.2f}%" and shown[0] == f"{want['scales']:,}"
+    page = explorer._repr_html_()
+    assert "MixprecFp8.mount" in page and "https://" not in page and page.count("<select>") == 3
+    assert "异常通道以外的相对误差" in explorer._repr_markdown_()
+    with pytest.raises(ValueError, match="initial"):
+        Fp8ScalingExplorer(_activation_with_spread(), initial=(0, 2, 0))

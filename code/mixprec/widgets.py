@@ -286,3 +286,111 @@ class MemoryCalculator:
             f"{MEMORY_LIMIT_GIB});</script>"
             "</div>"
         )
+
+
+# --- FP8 scaling explorer -------------------------------------------------------------------------
+
+
+def _fp8_schemes() -> dict:
+    from . import fp8
+
+    return {  # label → (quantizer(t, fmt), values per scale for a tensor t): chapter 5's granularities, coarse to fine
+        "按张量": (lambda t, f: fp8.quantize_tensorwise(t, f), lambda t: t.numel()),
+        "128×128 块": (lambda t, f: fp8.quantize_blockwise(t, (128, 128), f), lambda t: 128 * 128),
+        "按行": (lambda t, f: fp8.quantize_rowwise(t, f), lambda t: t.shape[-1]),
+        "1×32 块": (lambda t, f: fp8.quantize_blockwise(t, (1, 32), f), lambda t: 32),
+        "MX（32 个一块，2 的幂）": (lambda t, f: fp8.quantize_mx(t, f), lambda t: 32),
+    }
+
+
+FP8_EXPLORER_FORMATS = ("e4m3fn", "e5m2")
+OUTLIER_FACTORS = (1, 10, 100, 1000, 10000)
+
+
+def fp8_scaling_outcomes(x, channel: int = 0, width: float = 0.25) -> dict:
+    """What the FP8 scaling explorer shows, computed exactly with ``mixprec.fp8``: for every scheme, format
+    and outlier factor (column ``channel`` of the 2-D tensor ``x`` multiplied by it), a histogram of
+    log2|x·s| over the nonzero values, the number of scales, the relative error of the whole tensor and of
+    the other columns, and the shares of nonzero values flushed to zero, stored as subnormals, and clipped."""
+    import torch
+
+    from .debug import relative_error
+
+    x = torch.as_tensor(x).detach().float()
+    if x.dim() != 2 or x.shape[0] % 128 or x.shape[1] % 128 or not bool(torch.isfinite(x).all()) or not bool((x != 0).any()):
+        raise ValueError(f"x must be a finite 2-D tensor with a nonzero value, its rows and columns multiples of 128, got shape {tuple(x.shape)}")
+    if isinstance(channel, bool) or not isinstance(channel, int) or not 0 <= channel < x.shape[1]:
+        raise ValueError(f"channel must be a column index in 0..{x.shape[1] - 1}, got {channel!r}")
+    rest = torch.ones(x.shape[1], dtype=torch.bool)
+    rest[channel] = False
+    results, logs = [], []
+    for quantize, group in _fp8_schemes().values():
+        per_format = []
+        for name in FP8_EXPLORER_FORMATS:
+            fmt = get_format(name)
+            per_factor = []
+            for factor in OUTLIER_FACTORS:
+                t = x.clone()
+                t[:, channel] *= factor
+                q = quantize(t, fmt)
+                nonzero = t != 0
+                zone = zone_index(t, q.scale, fmt)[nonzero]
+                n = int(nonzero.sum())
+                logs.append(torch.log2((t * q.scale).abs()[nonzero]))
+                per_factor.append({
+                    "scales": t.numel() // group(t),
+                    "error": relative_error(q.dequantize(), t), "errorRest": relative_error(q.dequantize()[:, rest], t[:, rest]),
+                    "flushed": int((zone == ZONES.index("flushed")).sum()) / n,
+                    "subnormal": int((zone == ZONES.index("subnormal")).sum()) / n,
+                    "clipped": int((zone == ZONES.index("overflow")).sum()) / n,
+                })
+            per_format.append(per_factor)
+        results.append(per_format)
+    lo = math.floor(min(float(v.min()) for v in logs) / width) * width
+    bins = math.ceil((max(float(v.max()) for v in logs) + 2 - lo) / width)
+    counts = iter(torch.bincount(((v - lo) / width).floor().long(), minlength=bins).tolist() for v in logs)
+    for per_format in results:
+        for per_factor in per_format:
+            for outcome in per_factor:
+                outcome["counts"] = next(counts)
+    formats = [{"name": get_format(n).name, "flushBelow": zone_edges(n)["flushed_below"], "minNormal": zone_edges(n)["normal_from"],
+                "maxLog2": math.log2(get_format(n).max)} for n in FP8_EXPLORER_FORMATS]
+    return {"schemes": list(_fp8_schemes()), "formats": formats, "factors": list(OUTLIER_FACTORS), "lo": lo, "width": width,
+            "bins": bins, "outcomes": results}
+
+
+class Fp8ScalingExplorer:
+    """Choose a scaling scheme, an FP8 format and an outlier channel's size; see where the scaled values
+    land in the format and what quantization costs (all outcomes precomputed in Python, exactly)."""
+
+    def __init__(self, x, channel: int = 0, initial: tuple[int, int, int] = (0, 0, 3)):
+        self.data = fp8_scaling_outcomes(x, channel)
+        sizes = (len(self.data["schemes"]), len(self.data["formats"]), len(self.data["factors"]))
+        if (not isinstance(initial, tuple) or len(initial) != 3
+                or any(isinstance(i, bool) or not isinstance(i, int) or not 0 <= i < n for i, n in zip(initial, sizes))):
+            raise ValueError(f"initial must be (scheme, format, factor) indices below {sizes}, got {initial!r}")
+        self.initial = initial
+        self.id = "mf-" + uuid.uuid4().hex[:10]
+
+    def _repr_markdown_(self) -> str:  # print editions (PDF): the table for every scheme at the initial format and factor
+        _, f, k = self.initial
+        d = self.data
+        rows = [[name, f"{o['error']:.2%}", f"{o['errorRest']:.2%}", f"{o['flushed']:.2%}", f"{o['clipped']:.2%}"]
+                for name, o in zip(d["schemes"], (per_format[f][k] for per_format in d["outcomes"]))]
+        table = markdown_table(["方案", "相对误差", "异常通道以外的相对误差", "下溢为零", "被截断"], rows)
+        return (f"*交互式 FP8 缩放浏览器在网页版和 Colab 中可以切换方案、格式和异常值大小；印刷版给出 "
+                f"{escape_markdown(d['formats'][f]['name'])}、异常通道放大 {d['factors'][k]} 倍时的结果：*\n\n{table}")
+
+    def _repr_html_(self) -> str:
+        i = f"#{self.id}"
+        style = (f"{i} {{ font-family: system-ui, sans-serif; margin: 0.5em 0 1em; }} {i} select {{ margin: 0 1em 0.3em 0.3em; }} "
+                 f"{i} table {{ border-collapse: collapse; font-size: 0.9em; }} "
+                 f"{i} td {{ padding: 2px 12px; border-bottom: 1px solid #ddd; white-space: nowrap; }}")
+        controls = "".join(f"<label>{label}<select></select></label>" for label in ("缩放方案：", "格式：", "异常通道放大："))
+        return (
+            f'<div id="{self.id}" class="mixprec-explorer"><style>{style}</style>{controls}'
+            '<div class="mf-plot"></div><table><tbody></tbody></table>'
+            f"<script>{_script('fp8_explorer.js')}\n"
+            f'MixprecFp8.mount(document.getElementById("{self.id}"), {script_json(self.data)}, {script_json(list(self.initial))});</script>'
+            "</div>"
+        )
