@@ -51,13 +51,14 @@ FSDP2_PRECISION: dict[str, dict[str, torch.dtype | None]] = {
     "fp16-master": {"param_dtype": torch.float16, "reduce_dtype": torch.float32},
 }
 DDP_POLICIES = ("fp32", "tf32", "bf16-amp", "fp16-amp", "bf16-master", "fp16-master")
-DDP_HOOKS = ("fp32", "fp16", "bf16")  # the dtype gradients are all-reduced in (fp32: torch's allreduce_hook)
+DDP_HOOKS = ("none", "fp16", "bf16")  # the dtype gradients are all-reduced in ("none": their own, torch's allreduce_hook)
 
 
 @dataclass(frozen=True)
 class Setting:
     """One way to train: ``strategy`` (single, ddp, fsdp2), a book ``policy``, and the communication dtype:
-    ``reduce`` (FSDP2: override the policy's reduce dtype) or ``hook`` (DDP: the dtype of the all-reduce).
+    ``reduce`` (FSDP2: override the policy's reduce dtype) or ``hook`` (DDP: compress the all-reduce to fp16 or bf16;
+    ``none`` all-reduces the gradients in their own dtype).
 
     Written on the command line as ``fsdp2,bf16-master,reduce=bf16`` or ``ddp,fp32,hook=bf16``.
     """
@@ -65,7 +66,7 @@ class Setting:
     strategy: str
     policy: str = "fp32"
     reduce: str | None = None
-    hook: str = "fp32"
+    hook: str = "none"
 
     def __post_init__(self):
         if self.strategy not in STRATEGIES:
@@ -81,7 +82,7 @@ class Setting:
                              f"valid: {', '.join(valid)}")
         if self.reduce is not None and (self.strategy != "fsdp2" or self.reduce not in DTYPES):
             raise ValueError(f"reduce is for fsdp2 only, one of {', '.join(DTYPES)}; got reduce={self.reduce!r} with {self.strategy}")
-        if self.hook not in DDP_HOOKS or (self.hook != "fp32" and self.strategy != "ddp"):
+        if self.hook not in DDP_HOOKS or (self.hook != "none" and self.strategy != "ddp"):
             raise ValueError(f"hook is for ddp only, one of {', '.join(DDP_HOOKS)}; got hook={self.hook!r} with {self.strategy}")
 
     @classmethod
@@ -95,7 +96,7 @@ class Setting:
 
     @property
     def spec(self) -> str:
-        extra = f",reduce={self.reduce}" if self.reduce else f",hook={self.hook}" if self.strategy == "ddp" else ""
+        extra = f",reduce={self.reduce}" if self.reduce else f",hook={self.hook}" if self.hook != "none" else ""
         return f"{self.strategy},{self.policy}{extra}"
 
     def mixed_precision(self):
@@ -115,7 +116,7 @@ class Setting:
             return {}
         if self.strategy == "ddp":
             master = get_policy(self.policy).master_weights  # *-master: the model's own gradients are low precision
-            dtype = DTYPES[self.hook] if self.hook != "fp32" else (get_policy(self.policy).param_dtype if master else torch.float32)
+            dtype = DTYPES[self.hook] if self.hook != "none" else (get_policy(self.policy).param_dtype if master else torch.float32)
             return {"all_reduce": dtype}
         mp = self.mixed_precision()
         param = mp.param_dtype or torch.float32
@@ -155,7 +156,7 @@ def bf16_allreduce_hook(process_group, bucket):
 
 
 def register_hook(ddp, hook: str) -> str:
-    """Register the DDP communication hook for ``hook`` (fp32, fp16, bf16); returns which hook runs.
+    """Register the DDP communication hook for ``hook`` (none, fp16, bf16); returns which hook runs.
 
     torch's own hook wherever DDP accepts it; for BF16 where DDP refuses torch's ``bf16_compress_hook`` (it checks
     the hook's name and wants CUDA with NCCL 2.10+), ``bf16_allreduce_hook``: the same arithmetic under another name."""
@@ -163,7 +164,7 @@ def register_hook(ddp, hook: str) -> str:
 
     if hook not in DDP_HOOKS:
         raise ValueError(f"hook must be one of {', '.join(DDP_HOOKS)}, got {hook!r}")
-    torch_hook = {"fp32": default_hooks.allreduce_hook, "fp16": default_hooks.fp16_compress_hook,
+    torch_hook = {"none": default_hooks.allreduce_hook, "fp16": default_hooks.fp16_compress_hook,
                   "bf16": default_hooks.bf16_compress_hook}[hook]
     try:
         ddp.register_comm_hook(None, torch_hook)
