@@ -147,3 +147,26 @@ def test_fp8_all_gather_sends_uint8_and_matches_local_quantization(tmp_path):
                            "--master-port", str(distributed.free_port()), str(script)], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr[-2000:]
     assert "gloo fp8: Invalid scalar type" in done.stdout
+
+
+def test_schematic_draws_what_the_library_says_each_rank_holds_and_sends():
+    from mixprec import schematics
+
+    settings = ("ddp,fp32", "ddp,fp32,hook=bf16", "fsdp2,bf16-master", "fsdp2,bf16-master,reduce=bf16")
+    data = schematics.data_parallel(settings, world_size=4).schematic_data
+    assert data["ddp,fp32"]["collectives"] == {"all_reduce": "FP32"}
+    assert data["ddp,fp32,hook=bf16"]["collectives"] == {"all_reduce": "BF16"}
+    assert data["fsdp2,bf16-master"]["collectives"] == {"all_gather": "BF16", "reduce_scatter": "FP32"}
+    assert data["fsdp2,bf16-master,reduce=bf16"]["collectives"] == {"all_gather": "BF16", "reduce_scatter": "BF16"}
+    assert ("Adam m, v", "FP32", "1/4") in data["fsdp2,bf16-master"]["state"]
+    assert ("master", "FP32", "all") in distributed.per_rank_state("ddp,bf16-master", 4)
+
+
+def test_bytes_checker():
+    from mixprec.exercises import check_ddp_bytes
+
+    assert check_ddp_bytes("ddp,fp32,hook=bf16", 1000, 4, payload=2000, wire=3000)
+    assert not check_ddp_bytes("ddp,fp32,hook=bf16", 1000, 4, payload=4000, wire=6000)
+    assert not check_ddp_bytes("ddp,fp32", 1000, 4, payload=4000, wire=4000)
+    assert not check_ddp_bytes("fsdp2,fp32", 1000, 4, payload=4000, wire=6000)
+    assert not check_ddp_bytes("ddp,fp32", -1, 4, payload=0, wire=0)

@@ -190,6 +190,37 @@ def shard_units(model: torch.nn.Module) -> list[tuple[str, list[torch.nn.Paramet
     return units + [("root", [p for p in model.parameters() if id(p) not in in_blocks])]
 
 
+def shard(model: torch.nn.Module, mp_policy) -> torch.nn.Module:
+    """FSDP2 for the storyteller: each transformer block its own unit, then the root (embeddings, final norm).
+
+    Each unit's parameters are gathered just before it runs and freed after; ``mp_policy`` (a
+    ``MixedPrecisionPolicy``) says in which dtype they are gathered and their gradients reduced."""
+    from torch.distributed.fsdp import fully_shard
+
+    for block in model.transformer.h:
+        fully_shard(block, mp_policy=mp_policy)
+    fully_shard(model, mp_policy=mp_policy)
+    return model
+
+
+def per_rank_state(setting: Setting | str, world_size: int) -> list[tuple[str, str, str]]:
+    """What each rank keeps between steps, as (what, dtype, share of the model): the rows of the data-parallel schematic."""
+    setting = Setting.parse(setting) if isinstance(setting, str) else setting
+    if isinstance(world_size, bool) or not isinstance(world_size, int) or world_size < 1:
+        raise ValueError(f"world_size must be an integer >= 1, got {world_size!r}")
+    policy = get_policy(setting.policy)
+    short = {torch.float32: "FP32", torch.bfloat16: "BF16", torch.float16: "FP16"}
+    if setting.strategy == "fsdp2":
+        part = f"1/{world_size}"
+        working = short[setting.mixed_precision().param_dtype or torch.float32]
+        return [("weights = master", "FP32", part), ("gradients", "FP32", part), ("Adam m, v", "FP32", part),
+                ("gathered unit", working, "1 block")]
+    rows = [("weights", short[policy.param_dtype] if policy.master_weights else "FP32", "all")]
+    if policy.master_weights:
+        rows.append(("master", "FP32", "all"))
+    return rows + [("gradients", rows[0][1], "all"), ("Adam m, v", "FP32", "all")]
+
+
 def _padded_numel(p: torch.Tensor, world: int) -> int:
     """FSDP2 shards dim 0, padded to a multiple of the world size."""
     rows = p.shape[0] if p.dim() else 1
@@ -381,12 +412,8 @@ def train(setting: Setting | str, steps: int = 5, global_batch: int = 8, block_s
     n_params = sum(p.numel() for p in model.parameters())
     notes = []
     if setting.strategy == "fsdp2":
-        from torch.distributed.fsdp import fully_shard
-
         mp = setting.mixed_precision()
-        for name, _ in shard_units(model)[:-1]:
-            fully_shard(model.get_submodule(name), mp_policy=mp)
-        fully_shard(model, mp_policy=mp)
+        shard(model, mp)
         notes.append(f"FSDP2 MixedPrecisionPolicy(param_dtype={mp.param_dtype}, reduce_dtype={mp.reduce_dtype})")
     policy = step_policy(setting)
     setup = policy.setup(model.train(), lr=lr if lr is not None else SIZES[size].lr, weight_decay=SIZES[size].weight_decay,
