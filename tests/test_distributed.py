@@ -126,7 +126,7 @@ def test_a_failing_launch_reports_the_subprocess_error():
         distributed.launch("ddp,fp32", nproc=2, steps=1, global_batch=3, timeout=120)
 
 
-def test_fp8_all_gather_sends_uint8_and_matches_local_quantization(tmp_path):
+def test_fp8_all_gather_sends_uint8_with_one_scale_for_the_whole_weight(tmp_path):
     script = tmp_path / "gather.py"
     script.write_text(textwrap.dedent("""
         import torch, torch.distributed as dist
@@ -134,8 +134,9 @@ def test_fp8_all_gather_sends_uint8_and_matches_local_quantization(tmp_path):
         from mixprec.fp8 import quantize_tensorwise
         dist.init_process_group("gloo")
         full = torch.randn(2, 64, generator=torch.Generator().manual_seed(0)) * 3
-        got = fp8_all_gather(full[dist.get_rank()])
-        want = torch.cat([quantize_tensorwise(row).dequantize() for row in full])
+        got = fp8_all_gather(full[dist.get_rank():dist.get_rank() + 1])  # a dim-0 shard, as FSDP2 cuts
+        want = quantize_tensorwise(full).dequantize()  # one scale for the whole weight, as torchao's FSDP2 float8 all-gather
+        assert not torch.equal(want, torch.cat([quantize_tensorwise(row).dequantize() for row in full]))  # not per shard
         assert torch.equal(got, want), (got - want).abs().max()
         try:
             dist.all_gather([torch.empty(2, dtype=torch.float8_e4m3fn)] * 2, torch.zeros(2, dtype=torch.float8_e4m3fn))

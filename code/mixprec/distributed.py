@@ -336,21 +336,21 @@ def reduction_error(n_ranks: int, dtype: torch.dtype, numel: int = 4096, seed: i
 
 
 def fp8_all_gather(shard: torch.Tensor, group=None) -> torch.Tensor:
-    """All-gather a weight shard in FP8 (E4M3, one scale per shard) and return the full tensor dequantized.
-
-    What torchao's float8 all-gather does under FSDP2, in the numerics of ``mixprec.fp8``: quantize the local
-    shard, send the FP8 bytes as a ``uint8`` view (gloo has no FP8 type) and the FP32 scales, dequantize."""
-    from .fp8 import quantize_tensorwise
+    """All-gather a weight in FP8 (E4M3) and return the full tensor dequantized, as torchao's float8 all-gather
+    under FSDP2 does, in the numerics of ``mixprec.fp8``: one scale for the whole weight, from the amax of all
+    shards (one all-reduce of a scalar), each rank casts its shard with it and sends the FP8 bytes as a ``uint8``
+    view (gloo has no FP8 type); every rank dequantizes the gathered bytes with the same scale."""
+    from .fp8 import E4M3, _quantize, scale_from_amax
 
     world = dist.get_world_size(group)
-    q = quantize_tensorwise(shard.float())
-    data = q.values.to(torch.float8_e4m3fn).contiguous().view(torch.uint8)  # exact: the values are on E4M3's grid
-    scale = q.scale.reshape(1).float()
-    datas = [torch.empty_like(data) for _ in range(world)]
-    scales = [torch.empty_like(scale) for _ in range(world)]
-    dist.all_gather(datas, data, group=group)
-    dist.all_gather(scales, scale, group=group)
-    return torch.cat([d.view(torch.float8_e4m3fn).float() / s for d, s in zip(datas, scales)])
+    amax = shard.detach().abs().amax().float().reshape(1)
+    dist.all_reduce(amax, op=dist.ReduceOp.MAX, group=group)  # the whole weight's amax: one scale on every rank
+    scale = scale_from_amax(amax[0], E4M3)
+    data = _quantize(shard, scale, E4M3).values.to(torch.float8_e4m3fn).view(torch.uint8)  # exact: values on E4M3's grid
+    check_collective_dtype(data.dtype, dist.get_backend(group))
+    gathered = [torch.empty_like(data) for _ in range(world)]
+    dist.all_gather(gathered, data.contiguous(), group=group)
+    return torch.cat([d.view(torch.float8_e4m3fn).float() for d in gathered]) / scale
 
 
 # --- the trainer ---------------------------------------------------------------------------------
