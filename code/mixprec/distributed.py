@@ -374,12 +374,14 @@ def _local_bytes(tensors) -> int:
 
 
 def train(setting: Setting | str, steps: int = 5, global_batch: int = 8, block_size: int = 32, size: str = "tiny",
-          n_stories: int = 200, seed: int = 0, lr: float | None = None, progress: bool = False) -> dict:
+          n_stories: int = 200, seed: int = 0, lr: float | None = None, device: str | None = None, progress: bool = False) -> dict:
     """Train a fresh storyteller under ``setting`` on this process's rank; returns what the run measured.
 
     Every rank draws the same global batch of ``global_batch`` windows and trains on its own contiguous slice of
     it, so the ranks together see exactly what one process would (``single`` runs the whole batch here, without
     ``torch.distributed``). ``ddp`` and ``fsdp2`` need an initialized process group (``torchrun``, ``launch``).
+    ``device``: ``"cpu"`` or ``"cuda"`` for ``single`` (default: CUDA when there is a GPU); a process group
+    uses its backend's device (NCCL: this rank's GPU; gloo: the CPU).
     The step is ``mixprec.step.train_step``; the losses reported are the global batch's mean, every step.
     """
     import time
@@ -401,9 +403,12 @@ def train(setting: Setting | str, steps: int = 5, global_batch: int = 8, block_s
         raise ValueError(f"strategy 'single' runs in one process; this group has {world}: use ddp or fsdp2")
     if global_batch % world:
         raise ValueError(f"global_batch {global_batch} must be a multiple of the world size {world} (equal slices per rank)")
-    device = torch.device(f"cuda:{torch.cuda.current_device()}" if distributed and dist.get_backend() == "nccl" else "cpu")
-    if not distributed and torch.cuda.is_available():
-        device = torch.device("cuda")
+    if device not in (None, "cpu", "cuda"):
+        raise ValueError(f"device must be None, 'cpu' or 'cuda', got {device!r}")
+    if distributed:
+        device = torch.device(f"cuda:{torch.cuda.current_device()}" if dist.get_backend() == "nccl" else "cpu")
+    else:
+        device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     stories = load_stories("offline", n=n_stories, seed=seed)
     tokenizer = train_tokenizer(stories.train)
     data = encode(stories, tokenizer)
@@ -484,12 +489,17 @@ def main(argv: list[str] | None = None) -> dict:
     t.add_argument("--stories", type=cli.at_least(20), default=200)
     t.add_argument("--seed", type=int, default=0)
     t.add_argument("--lr", type=cli.positive_float, default=None)
+    t.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
+                   help="auto: one GPU per process with NCCL where there are GPUs, else CPU processes with gloo")
     t.add_argument("--out", type=Path, help="write the JSON result here (rank 0)")
     t.add_argument("--progress", action="store_true", help="a progress bar on rank 0")
     args = parser.parse_args(argv)
     if args.out is not None:
         cli.check_out_file(args.out)
-    device = torch.device(f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if torch.cuda.is_available() else "cpu")
+    if args.device == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda: this machine has no CUDA GPU")
+    cuda = args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available())
+    device = torch.device(f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if cuda else "cpu")
     if device.type == "cuda":
         torch.cuda.set_device(device)
     backend = backend_for(device)
@@ -529,11 +539,12 @@ def free_port() -> int:
 
 def launch(settings: list[str | Setting], nproc: int = 2, steps: int = 5, global_batch: int = 8, block_size: int = 32,
            size: str = "tiny", n_stories: int = 200, seed: int = 0, lr: float | None = None, timeout: float = 300,
-           out: str | Path | None = None) -> dict:
+           device: str = "auto", out: str | Path | None = None) -> dict:
     """Run ``torchrun --nproc-per-node nproc -m mixprec.distributed train ...`` as a subprocess and return its JSON result.
 
     The subprocess is ``sys.executable -m torch.distributed.run`` with this process's environment, on a free
-    local port. A failure (or more than ``timeout`` seconds) raises ``RuntimeError`` with the end of its output."""
+    local port. ``device``: ``auto`` (NCCL on the GPUs where there are some, else gloo on the CPU), ``cpu`` or ``cuda``.
+    A failure (or more than ``timeout`` seconds) raises ``RuntimeError`` with the end of its output."""
     import tempfile
 
     if isinstance(settings, (str, Setting)):
@@ -543,6 +554,8 @@ def launch(settings: list[str | Setting], nproc: int = 2, steps: int = 5, global
         raise ValueError("settings must name at least one setting, e.g. ['fsdp2,fp32']")
     if isinstance(nproc, bool) or not isinstance(nproc, int) or nproc < 1:
         raise ValueError(f"nproc must be an integer >= 1, got {nproc!r}")
+    if device not in ("auto", "cpu", "cuda"):
+        raise ValueError(f"device must be 'auto', 'cpu' or 'cuda', got {device!r}")
     if not (isinstance(timeout, (int, float)) and timeout > 0):
         raise ValueError(f"timeout must be a number of seconds > 0, got {timeout!r}")
     with tempfile.TemporaryDirectory() as tmp:
@@ -550,7 +563,7 @@ def launch(settings: list[str | Setting], nproc: int = 2, steps: int = 5, global
         command = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc), "--master-addr", "127.0.0.1",
                    "--master-port", str(free_port()), "-m", "mixprec.distributed", "train", "--steps", str(steps),
                    "--global-batch", str(global_batch), "--block-size", str(block_size), "--size", size, "--stories", str(n_stories),
-                   "--seed", str(seed), "--out", str(target), *(a for s in specs for a in ("--setting", s))]
+                   "--seed", str(seed), "--device", device, "--out", str(target), *(a for s in specs for a in ("--setting", s))]
         if lr is not None:
             command += ["--lr", str(lr)]
         try:
