@@ -171,3 +171,11 @@ def test_bytes_checker():
     assert not check_ddp_bytes("ddp,fp32", 1000, 4, payload=4000, wire=4000)
     assert not check_ddp_bytes("fsdp2,fp32", 1000, 4, payload=4000, wire=6000)
     assert not check_ddp_bytes("ddp,fp32", -1, 4, payload=0, wire=0)
+
+
+def test_zero_stages_shard_one_more_component_each():
+    table = distributed.zero_bytes_per_parameter("bf16-master", 8)
+    assert {k: sum(v.values()) for k, v in table.items()} == {0: 16, 1: 4 + 12 / 8, 2: 2 + 14 / 8, 3: 16 / 8}  # ZeRO's 2 + 2 + 12
+    assert sum(distributed.zero_bytes_per_parameter("fp32", 1)[3].values()) == 16
+    with pytest.raises(ValueError, match="inference policy"):
+        distributed.zero_bytes_per_parameter("bf16", 2)

@@ -221,6 +221,26 @@ def per_rank_state(setting: Setting | str, world_size: int) -> list[tuple[str, s
     return rows + [("gradients", rows[0][1], "all"), ("Adam m, v", "FP32", "all")]
 
 
+ZERO_STAGES = {0: "DDP: nothing sharded", 1: "optimizer state sharded", 2: "+ gradients sharded", 3: "+ weights sharded (FSDP2)"}
+
+
+def zero_bytes_per_parameter(precision: str, world_size: int) -> dict[int, dict[str, float]]:
+    """Bytes each rank keeps per model parameter at each ZeRO stage (Rajbhandari et al. 2020), for a policy.
+
+    Components: ``weights`` (the working copy, in the policy's dtype), ``gradients`` (same dtype) and
+    ``optimizer`` (AdamW's m and v in FP32, plus the FP32 master copy where the policy has one). Stage 1 shards
+    the optimizer over the ``world_size`` ranks, stage 2 the gradients too, stage 3 the weights too. Activations
+    and communication buffers are not counted."""
+    policy = get_policy(precision)
+    policy.check_trainable()
+    if isinstance(world_size, bool) or not isinstance(world_size, int) or world_size < 1:
+        raise ValueError(f"world_size must be an integer >= 1, got {world_size!r}")
+    working = policy.param_dtype.itemsize
+    full = {"weights": working, "gradients": working, "optimizer": 8 + (4 if policy.master_weights else 0)}
+    sharded_from = {"optimizer": 1, "gradients": 2, "weights": 3}
+    return {stage: {k: v / world_size if stage >= sharded_from[k] else v for k, v in full.items()} for stage in ZERO_STAGES}
+
+
 def _padded_numel(p: torch.Tensor, world: int) -> int:
     """FSDP2 shards dim 0, padded to a multiple of the world size."""
     rows = p.shape[0] if p.dim() else 1
