@@ -179,3 +179,17 @@ def test_zero_stages_shard_one_more_component_each():
     assert sum(distributed.zero_bytes_per_parameter("fp32", 1)[3].values()) == 16
     with pytest.raises(ValueError, match="inference policy"):
         distributed.zero_bytes_per_parameter("bf16", 2)
+
+
+def test_command_line_and_launch_refuse_bad_arguments_before_any_work(capsys):
+    with pytest.raises(SystemExit) as exit_:
+        distributed.main(["train", "--setting", "fsdp2,bf16-pure"])
+    assert exit_.value.code == 2 and "bf16-master" in capsys.readouterr().err
+    with pytest.raises(ValueError, match="device must be"):
+        distributed.launch("ddp,fp32", device="tpu")
+    with pytest.raises(ValueError, match="nproc"):
+        distributed.launch("ddp,fp32", nproc=0)
+    with pytest.raises(ValueError, match="device must be"):
+        distributed.train("single,fp32", device="gpu")
+    with pytest.raises(ValueError, match="reduce is for fsdp2 only"):
+        distributed.Setting.parse("single,fp32,reduce=bf16")
