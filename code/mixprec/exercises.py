@@ -524,3 +524,48 @@ def check_mx_block(amax: float, restored) -> CheckResult:
     if guess == truth:
         return CheckResult(True, [why])
     return CheckResult(False, [f"预测 {guess:g}，实际 {truth:g}。提示：先算 floor(log2(amax)) − 8，再看 amax 除以 2 的这个幂后是否超过 448。"])
+
+
+# --- exercise: bytes a DDP rank communicates per step -------------------------------------------------
+
+
+def check_ddp_bytes(setting: str, n_params: int, world_size: int, *, payload: float, wire: float) -> CheckResult:
+    """Check the bytes one DDP rank hands to the all-reduce in a step (``payload``) and sends in a ring (``wire``)."""
+    from .distributed import Setting, communication_per_step, ring_wire_bytes
+
+    try:
+        parsed = Setting.parse(setting)
+    except (ValueError, TypeError) as error:
+        return CheckResult(False, [f"设置写错了：{error}"])
+    if parsed.strategy != "ddp":
+        return CheckResult(False, [f"这个检查器只管 DDP 的设置（如 'ddp,fp32,hook=bf16'），收到的是 {_short(setting)}"])
+    if isinstance(n_params, bool) or not isinstance(n_params, int) or not 1 <= n_params <= 2**50:
+        return CheckResult(False, [f"n_params 应是 1 到 2^50 之间的整数，收到的是 {_short(n_params)}"])
+    if isinstance(world_size, bool) or not isinstance(world_size, int) or not 1 <= world_size <= 2**20:
+        return CheckResult(False, [f"world_size 应是 1 到 2^20 之间的整数，收到的是 {_short(world_size)}"])
+    flat = torch.nn.Module()
+    flat.weight = torch.nn.Parameter(torch.empty(n_params, device="meta"))  # only its size matters
+    truth = communication_per_step(flat, parsed, world_size)
+    true_wire = ring_wire_bytes(truth, world_size)
+    dtype = parsed.communicated_dtypes()["all_reduce"]
+    msgs, ok = [], True
+    value, problem = _number(payload, "payload")
+    if problem:
+        return CheckResult(False, [problem])
+    if _close(value, truth["all_reduce"]):
+        msgs.append(f"交给 all-reduce 的数据：{truth['all_reduce']:,} 字节 ✔（每个梯度 {dtype.itemsize} 字节，{dtype}）")
+    else:
+        ok = False
+        hint = "；注意通信钩子把梯度转成了什么类型" if value and _close(value, n_params * 4) else ""
+        msgs.append(f"交给 all-reduce 的数据：你的答案 {value:,.0f}，应为 {truth['all_reduce']:,}（{n_params:,} 个梯度 × "
+                     f"{dtype.itemsize} 字节{hint}）")
+    value, problem = _number(wire, "wire")
+    if problem:
+        return CheckResult(False, msgs + [problem])
+    if _close(value, true_wire):
+        msgs.append(f"环形算法中每个 rank 发出：{true_wire:,} 字节 ✔")
+    else:
+        ok = False
+        msgs.append(f"环形算法中每个 rank 发出：你的答案 {value:,.0f}，应为 {true_wire:,}：reduce-scatter 和 all-gather 两个阶段"
+                    f"各发 (W-1)/W 份，共 2(W-1)/W = {2 * (world_size - 1) / world_size:g} 份")
+    return CheckResult(ok, msgs)

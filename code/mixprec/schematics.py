@@ -280,3 +280,46 @@ def clinic_model(failures: dict, titles: dict | None = None):
             fontsize=7.5, va="top")
     fig.schematic_data = data
     return fig
+
+
+# --- the distributed chapter: who holds what, and what is communicated in which dtype -------------------
+
+_STATE_ZH = {"weights = master": "权重 = 主权重", "weights": "权重", "master": "主权重", "gradients": "梯度", "Adam m, v": "Adam 的 m、v",
+             "gathered unit": "计算时聚合的一块", "all": "全量", "1 block": "一个块"}
+_COLLECTIVE_ZH = {"all_reduce": ("all-reduce", "梯度", "gradients"), "all_gather": ("all-gather", "权重", "weights"),
+                  "reduce_scatter": ("reduce-scatter", "梯度", "gradients")}
+
+
+def data_parallel(settings=("ddp,fp32", "ddp,fp32,hook=bf16", "fsdp2,bf16-master"), world_size: int = 2):
+    """Each setting as a column: what every rank keeps between steps (``distributed.per_rank_state``) and which
+    collectives move what, in which dtype (``Setting.communicated_dtypes``), both read from the library.
+
+    ``fig.schematic_data`` maps each setting to {"state": rows, "collectives": {name: dtype}} (for tests)."""
+    from .distributed import Setting, per_rank_state
+
+    parsed = [Setting.parse(s) if isinstance(s, str) else s for s in settings]
+    if not parsed:
+        raise ValueError("settings must name at least one data-parallel setting, e.g. 'ddp,fp32'")
+    zh = plots.has_cjk()
+    short = {"float32": "FP32", "bfloat16": "BF16", "float16": "FP16"}
+    col_w = 2.45
+    fig, ax = canvas(col_w * len(parsed) + 0.1, 3.6)
+    data = {}
+    for i, setting in enumerate(parsed):
+        x = 0.1 + i * col_w
+        state = per_rank_state(setting, world_size)
+        collectives = {k: short[str(v).removeprefix("torch.")] for k, v in setting.communicated_dtypes().items()}
+        data[setting.spec] = {"state": state, "collectives": collectives}
+        ax.text(x + (col_w - 0.2) / 2, 3.45, setting.spec.replace(",", " · "), ha="center", va="center", fontsize=8.5, fontweight="bold")
+        lines = "\n".join(f"{_STATE_ZH.get(what, what) if zh else what}: {dtype}, {_STATE_ZH.get(share, share) if zh else share}"
+                          for what, dtype, share in state)
+        for rank, y in ((0, 2.2), (1, 0.1)):
+            box(ax, x, y, col_w - 0.2, 1.05, f"rank {rank}\n{lines}", color="#eef3fb", fontsize=6.8)
+        arrow_x = x + 0.35
+        ax.annotate("", xy=(arrow_x, 2.2), xytext=(arrow_x, 1.15), arrowprops={"arrowstyle": "<|-|>", "color": "#333333", "lw": 0.9})
+        for j, (kind, dtype) in enumerate(collectives.items()):  # one line per collective, in its dtype's colour
+            name, zh_what, en_what = _COLLECTIVE_ZH[kind]
+            ax.text(arrow_x + 0.12, 1.675 + 0.11 * (len(collectives) - 1) - 0.22 * j, f"{name} {zh_what if zh else en_what}: {dtype}",
+                    ha="left", va="center", fontsize=7, color=plots.color({"BF16": "bf16", "FP16": "fp16"}.get(dtype, "fp32")))
+    fig.schematic_data = data
+    return fig
