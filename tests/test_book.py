@@ -56,6 +56,8 @@ def test_chapters_rendered(build_log):
     assert page.count("<img") >= 6 and "{glue" not in page and page.count("<table") >= 3 and page.count("✔ 正确") >= 1
     page = (HTML / "book" / "08_story_generation.html").read_text()
     assert page.count("<img") >= 2 and "{glue" not in page and page.count("<table") >= 6 and page.count("✔ 正确") >= 1
+    page = (HTML / "book" / "09_distributed.html").read_text()
+    assert page.count("<img") >= 3 and "{glue" not in page and page.count("<table") >= 4 and page.count("✔ 正确") >= 1
     for name in ("10_summary", "misconceptions"):
         assert "{glue" not in (HTML / "book" / f"{name}.html").read_text()
     for name in ("intro", "references"):
