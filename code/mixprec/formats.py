@@ -445,7 +445,9 @@ def _round_power_of_two(x: torch.Tensor, fmt: FloatFormat, rounding: Rounding, g
     mantissa, exponent = torch.frexp(x)  # x = mantissa * 2**exponent, mantissa in [0.5, 1)
     low = torch.ldexp(torch.ones_like(x), exponent - 1)  # 2**floor(log2 x), float32 subnormals included
     if rounding == "nearest":
-        up = mantissa >= 0.75
+        # Between 2**-127 and 2**-126 (float32 subnormals) ml_dtypes and torch both round everything
+        # above 2**-127 up: a quirk of rounding the bit pattern, which we copy to stay equal to them.
+        up = (mantissa >= 0.75) | ((x > 2.0**-127) & (x < 2.0**-126))
     else:
         up = torch.rand(x.shape, generator=generator, device=x.device) < (x - low) / low
     out = torch.where(up, low * 2, low).clamp(min=fmt.min_normal)
