@@ -167,3 +167,141 @@ def hadamard_transform(x: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
     n = q.shape[0]
     _check(x, n, "hadamard_transform")
     return (x.float().reshape(*x.shape[:-1], -1, n) @ q.to(x.device)).reshape(x.shape)
+
+
+# --- training in FP4: one operand's cast, the recipe's switches, and the layers --------------
+
+_HADAMARD = hadamard_matrix(16, seed=0)  # one fixed random sign vector, as the NVFP4 recipe uses
+
+
+@dataclass(frozen=True)
+class Float4Cast:
+    """How one operand of one matrix product goes to FP4; used where ``mixprec.fp8.CastConfig`` is.
+
+    ``kind``: ``"nvfp4"`` or ``"mxfp4"``. ``block_2d``: 16×16 tiles (NVFP4 weights), so that the
+    forward and the backward see the same quantized weight. ``stochastic``: stochastic rounding of
+    the E2M1 values (gradients). ``hadamard``: multiply every 16 values along K by the random
+    Hadamard matrix first; both operands of a product must have it, and then the product is unchanged
+    (Q Qᵀ = I) while outliers are spread over 16 values.
+    """
+
+    kind: str = "nvfp4"
+    block_2d: bool = False
+    stochastic: bool = False
+    hadamard: bool = False
+    scaling: str = "floor"  # MXFP4's scale rule
+
+    def __post_init__(self):
+        if self.kind not in ("nvfp4", "mxfp4"):
+            raise ValueError(f"kind must be 'nvfp4' or 'mxfp4', got {self.kind!r}")
+        if self.block_2d and self.kind != "nvfp4":
+            raise ValueError("2-D blocks are NVFP4's (16×16); MX blocks are 1×32 by the specification")
+        if self.scaling not in MX_SCALINGS:
+            raise ValueError(f"scaling must be one of {MX_SCALINGS}, got {self.scaling!r}")
+
+    @property
+    def fmt(self) -> str:  # not None: this operand is quantized (fp8.Float8LinearConfig checks it)
+        return "e2m1"
+
+    @property
+    def k_multiple(self) -> int:
+        return NVFP4_BLOCK if self.kind == "nvfp4" else MXFP4_BLOCK
+
+    def cast(self, x: torch.Tensor, k_dim: int) -> torch.Tensor:
+        """What the product sees: ``x`` (2-D) quantized along dimension ``k_dim`` and dequantized, in FP32."""
+        t = x.float() if k_dim in (1, -1) else x.float().t()  # K last
+        if self.hadamard:
+            t = hadamard_transform(t, _HADAMARD)
+        rounding = "stochastic" if self.stochastic else "nearest"
+        if self.kind == "nvfp4":
+            q = quantize_nvfp4(t, block_2d=self.block_2d, rounding=rounding)
+        else:
+            q = quantize_mxfp4(t, self.scaling, rounding=rounding)
+        out = q.dequantize()
+        return out if k_dim in (1, -1) else out.t()
+
+
+@dataclass(frozen=True)
+class FP4Recipe:
+    """The NVFP4 pretraining recipe (arXiv 2509.25149 §4) as switches; each can be turned off by name.
+
+    ``hadamard``: the 16×16 random Hadamard transform on both inputs of the weight-gradient product
+    only. ``weight_2d``: 16×16 weight blocks (NVFP4 only). ``stochastic_rounding``: on gradients
+    only. ``all_layers``: every linear layer in FP4; otherwise the first and the last transformer
+    block stay in BF16 (a model of two blocks keeps only its last one, so that something is left in
+    FP4). The output layer, tied to the embedding, always stays high precision, as do embeddings,
+    norms and attention's score products (they are not linear layers).
+    """
+
+    kind: str = "nvfp4"
+    hadamard: bool = True
+    weight_2d: bool = True
+    stochastic_rounding: bool = True
+    all_layers: bool = False
+
+    SWITCHES = {"no-hadamard": "hadamard", "no-2d": "weight_2d", "no-sr": "stochastic_rounding", "all-layers": "all_layers"}
+
+    def __post_init__(self):
+        if self.kind not in ("nvfp4", "mxfp4"):
+            raise ValueError(f"kind must be 'nvfp4' or 'mxfp4', got {self.kind!r}")
+
+    @classmethod
+    def from_name(cls, name: str) -> FP4Recipe:
+        """``"nvfp4"``, ``"mxfp4"``, with switches after colons: ``"nvfp4:no-hadamard:no-sr"``."""
+        kind, *switches = name.split(":")
+        options = {}
+        for switch in switches:
+            if switch not in cls.SWITCHES:
+                raise ValueError(f"unknown FP4 switch {switch!r} in {name!r}; valid: {', '.join(cls.SWITCHES)}")
+            options[cls.SWITCHES[switch]] = switch == "all-layers"
+        return cls(kind, **options)
+
+    @property
+    def name(self) -> str:
+        off = [s for s, field in self.SWITCHES.items() if s != "all-layers" and not getattr(self, field)]
+        return ":".join([self.kind, *off, *(["all-layers"] if self.all_layers else [])])
+
+    def linear_config(self):
+        """The six operands' casts, as a ``mixprec.fp8.Float8LinearConfig`` (the layer is fp8's)."""
+        from .fp8 import Float8LinearConfig
+
+        k = self.kind
+        act = Float4Cast(k)
+        weight = Float4Cast(k, block_2d=self.weight_2d and k == "nvfp4")
+        grad = Float4Cast(k, stochastic=self.stochastic_rounding)
+        return Float8LinearConfig(
+            cast_config_input=act, cast_config_input_for_grad_weight=Float4Cast(k, hadamard=self.hadamard),
+            cast_config_weight=weight, cast_config_weight_for_grad_input=weight,
+            cast_config_grad_output=grad,
+            cast_config_grad_output_for_grad_weight=Float4Cast(k, stochastic=self.stochastic_rounding, hadamard=self.hadamard),
+            recipe=self.name)
+
+    def in_fp4(self, fqn: str, n_blocks: int) -> bool:
+        """Whether the linear layer called ``fqn`` runs in FP4 under this recipe."""
+        if fqn.endswith("lm_head"):
+            return False
+        if self.all_layers:
+            return True
+        block = next((int(p) for prev, p in zip(fqn.split("."), fqn.split(".")[1:]) if prev == "h" and p.isdigit()), None)
+        kept = {n_blocks - 1} if n_blocks <= 2 else {0, n_blocks - 1}
+        return block not in kept
+
+
+def convert_to_fp4(model: torch.nn.Module, recipe: FP4Recipe | str = "nvfp4") -> list[str]:
+    """Swap ``model``'s linear layers for emulated FP4 ones (``mixprec.fp8.Float8Linear`` with FP4 casts), in place.
+
+    Returns the names of the layers now in FP4. Layers whose sizes are not multiples of the block
+    stay in high precision.
+    """
+    from .fp8 import Float8Linear, swap_linears
+
+    recipe = FP4Recipe.from_name(recipe) if isinstance(recipe, str) else recipe
+    config = recipe.linear_config()
+    n_blocks = getattr(getattr(model, "config", None), "n_layer", 0)
+    multiple = config.cast_config_input.k_multiple
+
+    def keep(linear, fqn):
+        fits = linear.in_features % multiple == 0 and linear.out_features % multiple == 0
+        return not (fits and recipe.in_fp4(fqn, n_blocks))
+
+    return swap_linears(model, lambda linear: Float8Linear.from_float(linear, config), skip=keep)
