@@ -552,7 +552,8 @@ def check_e2m1_pair(byte: int, values) -> CheckResult:
         return CheckResult(True, [why])
     if all(_close(a, b) for a, b in zip(numbers, reversed(truth))):
         return CheckResult(False, ["两个值对调了：元素 0 在低 4 位（与 torchao 的 pack_uint4 相同）"])
-    return CheckResult(False, [f"预测 {numbers[0]:g}, {numbers[1]:g}，实际不是。提示：先把字节拆成高、低两个 4 位，再按 S EE M 读每一个；指数字段为 0 时是次正规数 0.M × 2^0。"])
+    return CheckResult(False, [f"预测 {numbers[0]:g}, {numbers[1]:g}，实际不是。提示：先把字节拆成高、低两个 4 位，"
+                               "再按 S EE M 读每一个；指数字段为 0 时是次正规数 0.M × 2^0。"])
 
 
 def check_nvfp4_scales(tensor_amax: float, block_amax: float, *, tensor_scale: float, block_scale: float) -> CheckResult:
