@@ -61,6 +61,11 @@ def _check(x: torch.Tensor, block: int, what: str) -> None:
         raise ValueError(f"{what}: the last dimension of shape {tuple(x.shape)} must be a multiple of the block size {block}")
 
 
+def _check_block(block: int) -> None:
+    if isinstance(block, bool) or not isinstance(block, int) or block < 1:
+        raise ValueError(f"block must be a positive integer, got {block!r}")
+
+
 def _blocks(x: torch.Tensor, block: int) -> torch.Tensor:
     return x.detach().float().reshape(*x.shape[:-1], x.shape[-1] // block, block)
 
@@ -82,7 +87,7 @@ def nvfp4_tensor_scale(x: torch.Tensor) -> torch.Tensor:
 
 
 def quantize_nvfp4(x: torch.Tensor, per_tensor_scale: bool = True, block_2d: bool = False,
-                   rounding: str = "nearest", generator: torch.Generator | None = None) -> FP4Tensor:
+                   rounding: str = "nearest", generator: torch.Generator | None = None, block: int = NVFP4_BLOCK) -> FP4Tensor:
     """NVFP4: every 16 values along the last dimension (or every 16×16 tile, ``block_2d``) share a UE4M3 scale.
 
     The block scale is the block's amax / 6, divided by the FP32 tensor scale and rounded to E4M3
@@ -90,14 +95,15 @@ def quantize_nvfp4(x: torch.Tensor, per_tensor_scale: bool = True, block_2d: boo
     ±6 and rounded to E2M1 (``rounding``: ``"nearest"``, or ``"stochastic"`` for gradients).
     Rules for non-finite input: an inf saturates to ±6 times its block's scale; with
     ``per_tensor_scale`` it makes the tensor scale inf and everything NaN; a NaN makes its block
-    (or, with ``per_tensor_scale``, the tensor) NaN.
+    (or, with ``per_tensor_scale``, the tensor) NaN. ``block``: 16 in NVFP4; other sizes are for study.
     """
-    _check(x, NVFP4_BLOCK, "quantize_nvfp4")
-    if block_2d and (x.dim() != 2 or x.shape[0] % NVFP4_BLOCK):
-        raise ValueError(f"2-D blocks need a 2-D tensor whose sizes are multiples of 16, got shape {tuple(x.shape)}")
+    _check_block(block)
+    _check(x, block, "quantize_nvfp4")
+    if block_2d and (x.dim() != 2 or x.shape[0] % block):
+        raise ValueError(f"2-D blocks need a 2-D tensor whose sizes are multiples of {block}, got shape {tuple(x.shape)}")
     if rounding not in ("nearest", "stochastic"):
         raise ValueError(f"rounding must be 'nearest' or 'stochastic', got {rounding!r}")
-    xb = _tiles(x, NVFP4_BLOCK) if block_2d else _blocks(x, NVFP4_BLOCK)
+    xb = _tiles(x, block) if block_2d else _blocks(x, block)
     amax = xb.abs().amax(dim=(1, 3) if block_2d else -1, keepdim=True)
     tensor_scale = nvfp4_tensor_scale(x) if per_tensor_scale else torch.ones((), device=x.device)
     block_scale = round_to_format((amax / E2M1_MAX / tensor_scale).clamp(_E4M3_TINY, E4M3.max), E4M3)
@@ -108,7 +114,7 @@ def quantize_nvfp4(x: torch.Tensor, per_tensor_scale: bool = True, block_2d: boo
 
 
 def quantize_mxfp4(x: torch.Tensor, scaling: str = "floor", rounding: str = "nearest",
-                   generator: torch.Generator | None = None) -> FP4Tensor:
+                   generator: torch.Generator | None = None, block: int = MXFP4_BLOCK) -> FP4Tensor:
     """MXFP4: every 32 values along the last dimension share a power-of-two (E8M0) scale.
 
     ``scaling`` picks the exponent from the block's amax (``mixprec.fp8.scale_from_amax``, torchao's
@@ -117,13 +123,15 @@ def quantize_mxfp4(x: torch.Tensor, scaling: str = "floor", rounding: str = "nea
     E2M1's one mantissa bit first, then floors. The scale's range is 2**-127 .. 2**127 (torchao
     0.18 quantizes the tiniest blocks with 2**-126 but stores 2**-127; see tests/test_fp4.py).
     A block holding NaN comes back NaN (E8M0's NaN scale); an inf saturates to 6 times its scale.
+    ``block``: 32 in the specification; other sizes are for study.
     """
-    _check(x, MXFP4_BLOCK, "quantize_mxfp4")
+    _check_block(block)
+    _check(x, block, "quantize_mxfp4")
     if scaling not in MX_SCALINGS:
         raise ValueError(f"scaling must be one of {MX_SCALINGS}, got {scaling!r}")
     if rounding not in ("nearest", "stochastic"):
         raise ValueError(f"rounding must be 'nearest' or 'stochastic', got {rounding!r}")
-    xb = _blocks(x, MXFP4_BLOCK)
+    xb = _blocks(x, block)
     inverse = scale_from_amax(xb.abs().amax(dim=-1, keepdim=True), E2M1, scaling)  # 2**-e: x · inverse goes into E2M1
     scaled = (xb * inverse).clamp(-E2M1_MAX, E2M1_MAX)
     values = round_to_format(scaled, E2M1, rounding, generator)
