@@ -325,4 +325,5 @@ def fp4_scaling(seed: int = 0):
     ax.text(left, 0.15, plots.label("数值 = 块缩放（2 的幂）× E2M1；32 个数共用一个缩放因子",
                                     "number = block scale (a power of two) × E2M1; 32 values share one scale"),
             fontsize=7, color="#333333")
+    fig.schematic_data = {"x": x, "nvfp4": nv, "mxfp4": mx}
     return fig
