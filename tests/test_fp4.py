@@ -245,3 +245,15 @@ def test_arguments_are_checked():
         quantize_mxfp4(torch.ones(2, 32, dtype=torch.int32))
     with pytest.raises(ValueError, match="2-D blocks"):
         quantize_nvfp4(torch.ones(8, 32), block_2d=True)
+
+
+def test_exercise_checkers():
+    from mixprec.exercises import check_e2m1_pair, check_nvfp4_scales
+
+    assert check_e2m1_pair(0x9A, (-1.0, -0.5)) and not check_e2m1_pair(0x9A, (-0.5, -1.0))
+    assert "对调" in str(check_e2m1_pair(0x9A, (-0.5, -1.0)))
+    assert check_e2m1_pair(0x7F, (-6.0, 6.0)) and not check_e2m1_pair(300, (0, 0)) and not check_e2m1_pair(1, (0.5,))
+    assert check_nvfp4_scales(100, 3, tensor_scale=100 / 2688, block_scale=13)
+    assert not check_nvfp4_scales(100, 3, tensor_scale=100 / 2688, block_scale=13.44)  # not rounded to E4M3
+    assert not check_nvfp4_scales(100, 3, tensor_scale=100 / 448, block_scale=13)
+    assert not check_nvfp4_scales(3, 100, tensor_scale=1, block_scale=1)
