@@ -257,3 +257,12 @@ def test_exercise_checkers():
     assert not check_nvfp4_scales(100, 3, tensor_scale=100 / 2688, block_scale=13.44)  # not rounded to E4M3
     assert not check_nvfp4_scales(100, 3, tensor_scale=100 / 448, block_scale=13)
     assert not check_nvfp4_scales(3, 100, tensor_scale=1, block_scale=1)
+
+
+def test_format_explorer_takes_e2m1_and_refuses_scale_formats():
+    from mixprec.widgets import format_explorer, format_spec
+
+    assert "MixprecFloat.mount" in format_explorer("5", formats=("e2m1", "bf16"))._repr_html_()
+    assert format_spec(E2M1)["overflow"] == "saturate" and format_spec(E2M1)["special"] == "none"
+    with pytest.raises(ValueError, match="scale formats"):
+        format_explorer("1", formats=("e8m0fnu",))
