@@ -16,7 +16,7 @@ A policy is data (``Policy``); ``get_policy(name)`` parses a name:
                            tensorwise), on every device: torchao's linears under native autocast on FP8 GPUs
                            where torchao has the recipe; the emulated ``mixprec.fp8.Float8Linear`` elsewhere
                            (under emulated BF16 autocast on a CPU, as ``bf16-amp``)
-``fp4:nvfp4``, ``fp4:mxfp4`` BF16 autocast plus emulated FP4 linear layers (``mixprec.fp4``), following the NVFP4
+``fp4:<nvfp4|mxfp4>``      BF16 autocast plus emulated FP4 linear layers (``mixprec.fp4``), following the NVFP4
                            pretraining recipe: 16×16 weight blocks, a random Hadamard transform on the weight
                            gradient's inputs, stochastic rounding of gradients, the first and last blocks in BF16;
                            switches after a colon turn a component off: ``:no-hadamard``, ``:no-2d``, ``:no-sr``,
