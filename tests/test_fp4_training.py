@@ -77,3 +77,13 @@ def test_2d_weight_is_the_same_forward_and_backward():
     assert torch.equal(cast.cast(w, 1), cast.cast(w, 0))
     one_d = fp4.Float4Cast("nvfp4")
     assert not torch.equal(one_d.cast(w, 1), one_d.cast(w, 0))
+
+
+def test_policy_checks_its_fp4_recipe():
+    from mixprec.amp import Policy
+
+    with pytest.raises(TypeError, match="FP4Recipe"):
+        Policy("x", fp4="nvfp4")
+    with pytest.raises(ValueError, match="not both"):
+        Policy("x", fp8="tensorwise", fp4=fp4.FP4Recipe())
+    assert get_policy("fp4:mxfp4:no-sr").fp4 == fp4.FP4Recipe("mxfp4", stochastic_rounding=False)

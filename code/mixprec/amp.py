@@ -103,6 +103,10 @@ class Policy:
             raise ValueError(f"autocast must be 'auto', 'native', 'emulate-cuda' or 'emulate-cpu', got {self.autocast!r}")
         if self.fp8 is not None and self.fp8 not in RECIPES:
             raise ValueError(f"fp8 must be None or an FP8 recipe ({', '.join(RECIPES)}), got {self.fp8!r}")
+        if self.fp4 is not None and not isinstance(self.fp4, FP4Recipe):
+            raise TypeError(f"fp4 must be None or a mixprec.fp4.FP4Recipe (e.g. FP4Recipe.from_name('nvfp4')), got {self.fp4!r}")
+        if self.fp8 is not None and self.fp4 is not None:
+            raise ValueError("a policy has FP8 or FP4 linear layers, not both")
         if self.autocast_dtype not in (None, torch.float16, torch.bfloat16):
             raise ValueError(f"autocast_dtype must be None, torch.float16 or torch.bfloat16, got {self.autocast_dtype!r}")
         if not isinstance(self.param_dtype, torch.dtype) or not self.param_dtype.is_floating_point:
