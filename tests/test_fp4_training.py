@@ -87,3 +87,16 @@ def test_policy_checks_its_fp4_recipe():
     with pytest.raises(ValueError, match="not both"):
         Policy("x", fp8="tensorwise", fp4=fp4.FP4Recipe())
     assert get_policy("fp4:mxfp4:no-sr").fp4 == fp4.FP4Recipe("mxfp4", stochastic_rounding=False)
+
+
+@pytest.mark.parametrize("hadamard", [False, True])
+def test_weight_gradient_product_in_fp4_approximates_the_exact_one(hadamard):
+    """Both operands cast along the tokens (k_dim 0), rotated or not: the product is g.T @ x up to FP4 error."""
+    torch.manual_seed(0)
+    g, x = torch.randn(512, 128), torch.randn(512, 384)
+    exact = g.t() @ x
+    cast = fp4.Float4Cast(hadamard=hadamard)
+    approx = cast.cast(g, 0).t() @ cast.cast(x, 0)
+    assert (approx - exact).norm() / exact.norm() < 0.25
+    wrong = fp4.Float4Cast(hadamard=not hadamard).cast(g, 0).t() @ cast.cast(x, 0)  # only one operand rotated: garbage
+    assert (wrong - exact).norm() / exact.norm() > 0.5
