@@ -197,3 +197,22 @@ def test_activation_model_predicts_a_measured_gpt2():
         ids = torch.randint(0, 96, (4, 64))
         measured = (saved_activation_bytes(model, ids, precision) - saved_activation_bytes(model, ids[:2], precision)) / 128
         assert amp_schematics.activation_bytes(c, 3, 192, 1, vocab_size=96) == pytest.approx(measured, rel=5e-3), precision
+
+
+# --- chapter FP4 ----------------------------------------------------------------------------------
+
+def test_fp4_scaling_draws_the_quantizers_scales_and_values():
+    from mixprec import fp4
+
+    fig = schematics.fp4_scaling()
+    data = fig.schematic_data
+    x, nv, mx = data["x"], data["nvfp4"], data["mxfp4"]
+    assert torch.equal(nv.dequantize(), fp4.quantize_nvfp4(x).dequantize())
+    assert torch.equal(mx.dequantize(), fp4.quantize_mxfp4(x).dequantize())
+    texts = [t.get_text() for t in fig.axes[0].texts]
+    for b in nv.block_scale[0, ::16].tolist():
+        assert any(f" {b:g}" in t for t in texts), f"NVFP4 block scale {b:g} is not drawn"
+    assert nv.block_scale[0, :16].unique().numel() == 1 and nv.block_scale[0, 0] != nv.block_scale[0, 16]
+    assert mx.block_scale[0].unique().numel() == 1
+    # the caption: the quiet half keeps its values in NVFP4 but mostly becomes 0 in MXFP4
+    assert (mx.values[0, :16] == 0).float().mean() > 0.5 > (nv.values[0, :16] == 0).float().mean()

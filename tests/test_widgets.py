@@ -22,7 +22,7 @@ def test_html_is_self_contained():
 
 @pytest.mark.skipif(shutil.which("node") is None, reason="node is not installed")
 def test_javascript_rounding_matches_python(tmp_path):
-    fmts = [F.FP16, F.BF16, F.E4M3, F.E5M2, F.TF32, F.get_format("e3m2")]
+    fmts = [F.FP16, F.BF16, F.E4M3, F.E5M2, F.TF32, F.get_format("e3m2"), F.E2M1]
     g = torch.Generator().manual_seed(0)
     x = torch.cat([
         torch.randn(2000, generator=g) * torch.exp2(torch.randint(-30, 18, (2000,), generator=g).float()),

@@ -16,6 +16,11 @@ A policy is data (``Policy``); ``get_policy(name)`` parses a name:
                            tensorwise), on every device: torchao's linears under native autocast on FP8 GPUs
                            where torchao has the recipe; the emulated ``mixprec.fp8.Float8Linear`` elsewhere
                            (under emulated BF16 autocast on a CPU, as ``bf16-amp``)
+``fp4:<nvfp4|mxfp4>``      BF16 autocast plus emulated FP4 linear layers (``mixprec.fp4``), following the NVFP4
+                           pretraining recipe: 16×16 weight blocks, a random Hadamard transform on the weight
+                           gradient's inputs, stochastic rounding of gradients, the first and last blocks in BF16;
+                           switches after a colon turn a component off: ``:no-hadamard``, ``:no-2d``, ``:no-sr``,
+                           ``:all-layers`` (e.g. ``fp4:nvfp4:no-sr``)
 ``round-all:<format>``     NOT mixed precision: every op result, forward and backward, the loss and the
                            loss-scale multiply included, rounded to any ``mixprec.formats`` format
                            ("what if everything were FP16"); FP32 master weights, rounded working copy
@@ -50,6 +55,7 @@ from torch.utils._pytree import tree_leaves, tree_map
 
 from .emulate import EmulatedAutocast, RoundAllOps, held_in
 from .formats import FloatFormat, get_format, round_to_format
+from .fp4 import FP4Recipe, convert_to_fp4
 from .fp8 import RECIPES, convert_to_fp8, quantize_tensorwise
 from .optim import BF16AdamW
 from .scaling import NoLossScaler
@@ -57,9 +63,10 @@ from .scaling import NoLossScaler
 BASE_POLICIES = ("fp32", "tf32", "fp16-amp", "bf16-amp", "bf16-pure", "bf16-pure:stochastic", "bf16-pure:kahan", "fp16-master",
                  "bf16-master", "fp8")
 FP8_POLICIES = tuple(f"fp8:{recipe}" for recipe in RECIPES)
+FP4_POLICIES = ("fp4:nvfp4", "fp4:mxfp4")  # each takes the recipe's switches: fp4:nvfp4:no-hadamard...
 AUTOCAST_VARIANTS = ("fp16-amp:native", "fp16-amp:cpu-lists", "bf16-amp:native", "bf16-amp:cpu-lists")
 INFERENCE_POLICIES = ("fp16", "bf16", "fp8-weight")  # inference only: training refuses them
-POLICY_NAMES = BASE_POLICIES + FP8_POLICIES + AUTOCAST_VARIANTS + INFERENCE_POLICIES + ("round-all:<format>",)
+POLICY_NAMES = BASE_POLICIES + FP8_POLICIES + FP4_POLICIES + AUTOCAST_VARIANTS + INFERENCE_POLICIES + ("round-all:<format>",)
 
 
 def _check_scaler(scaler) -> None:
@@ -84,6 +91,7 @@ class Policy:
     tf32: bool = False
     round_all: FloatFormat | None = None  # whole-network rounding (not AMP)
     fp8: str | None = None  # an FP8 recipe name (mixprec.fp8.RECIPES) for the linear layers
+    fp4: FP4Recipe | None = None  # an FP4 recipe (mixprec.fp4.FP4Recipe) for the linear layers
     update_rounding: str | None = None  # bf16-pure: "nearest", "stochastic" or "kahan"
     master_weights: bool = False  # FP32 master copy owned by the optimizer; the model holds the working copy
     uses_scaler: bool = False  # a GradScaler by default
@@ -95,6 +103,10 @@ class Policy:
             raise ValueError(f"autocast must be 'auto', 'native', 'emulate-cuda' or 'emulate-cpu', got {self.autocast!r}")
         if self.fp8 is not None and self.fp8 not in RECIPES:
             raise ValueError(f"fp8 must be None or an FP8 recipe ({', '.join(RECIPES)}), got {self.fp8!r}")
+        if self.fp4 is not None and not isinstance(self.fp4, FP4Recipe):
+            raise TypeError(f"fp4 must be None or a mixprec.fp4.FP4Recipe (e.g. FP4Recipe.from_name('nvfp4')), got {self.fp4!r}")
+        if self.fp8 is not None and self.fp4 is not None:
+            raise ValueError("a policy has FP8 or FP4 linear layers, not both")
         if self.autocast_dtype not in (None, torch.float16, torch.bfloat16):
             raise ValueError(f"autocast_dtype must be None, torch.float16 or torch.bfloat16, got {self.autocast_dtype!r}")
         if not isinstance(self.param_dtype, torch.dtype) or not self.param_dtype.is_floating_point:
@@ -165,6 +177,8 @@ class Policy:
         notes = []
         if self.fp8:
             notes.append(f"fp8 linears: {convert_to_fp8(model, device, self.fp8)}")
+        if self.fp4:
+            notes.append(f"fp4 linears: emulated {self.fp4.name}, {len(convert_to_fp4(model, self.fp4))} layers")
         mode = self.autocast_mode(device)
         if mode is not None:
             kernels = "native torch.amp.autocast" if mode == "native" else f"emulated with {mode.removeprefix('emulate-')} op lists, FP32 storage"
@@ -211,11 +225,13 @@ class Policy:
 
     def inference_model(self, model: torch.nn.Module) -> torch.nn.Module:
         """``model`` ready to run under ``compute``: itself, or a converted copy (the caller's model is never changed)."""
-        if self.param_dtype == torch.float32 and not self.fp8 and not self.weights_fp8:
+        if self.param_dtype == torch.float32 and not self.fp8 and not self.fp4 and not self.weights_fp8:
             return model
         model = copy.deepcopy(model)
         if self.fp8:
             convert_to_fp8(model, next(model.parameters()).device, self.fp8)
+        if self.fp4:
+            convert_to_fp4(model, self.fp4)
         if self.weights_fp8:
             with torch.no_grad():
                 for p in model.parameters():
@@ -227,6 +243,8 @@ class Policy:
         """Which datasheet peak (``mixprec.hw.peak_tflops``) the matmuls of this policy run at, for MFU."""
         if self.fp8:
             return "fp8"
+        if self.fp4:
+            return "fp32"  # emulated: the matmuls really run in FP32
         if self.round_all is not None or self.weights_fp8:
             return "fp32"  # emulations: the matmuls really run in FP32
         dtype = self.autocast_dtype or self.param_dtype
@@ -241,6 +259,8 @@ class Policy:
             compute = f"every op rounded to {self.round_all.name} (forward and backward)"
         elif self.fp8:
             compute = f"FP8 linears ({self.fp8}) + BF16 autocast"
+        elif self.fp4:
+            compute = f"FP4 linears ({self.fp4.name}, emulated) + BF16 autocast"
         elif self.autocast_dtype is not None:
             compute = f"{low[self.autocast_dtype]} autocast" + (" (CPU op lists)" if self.autocast == "emulate-cpu" else "")
         elif self.tf32:
@@ -356,6 +376,8 @@ def get_policy(name: str | Policy) -> Policy:
         # FP8 linear layers inside BF16 autocast, as torchao's FP8 training runs, on every device
         "fp8": Policy("fp8", fp8="tensorwise", autocast_dtype=torch.bfloat16),
         **{name: Policy(name, fp8=name.removeprefix("fp8:"), autocast_dtype=torch.bfloat16) for name in FP8_POLICIES},
+        **{name: Policy(name, fp4=FP4Recipe.from_name(name.removeprefix("fp4:")), autocast_dtype=torch.bfloat16)
+           for name in FP4_POLICIES},
         "fp16": Policy("fp16", param_dtype=torch.float16, inference_only=True),
         "bf16": Policy("bf16", param_dtype=torch.bfloat16, inference_only=True),
         "fp8-weight": Policy("fp8-weight", weights_fp8=True, inference_only=True),
@@ -363,6 +385,11 @@ def get_policy(name: str | Policy) -> Policy:
     for prefix, dtype in (("fp16", torch.float16), ("bf16", torch.bfloat16)):
         for suffix, autocast in (("", "auto"), (":native", "native"), (":cpu-lists", "emulate-cpu")):
             policies[f"{prefix}-amp{suffix}"] = _autocast_policy(f"{prefix}-amp{suffix}", dtype, autocast)
+    if name.startswith(("fp4:nvfp4:", "fp4:mxfp4:")):  # a recipe with switches: fp4:nvfp4:no-hadamard
+        try:
+            return Policy(name, fp4=FP4Recipe.from_name(name.removeprefix("fp4:")), autocast_dtype=torch.bfloat16)
+        except ValueError as error:
+            raise ValueError(f"{name!r}: {error}") from None
     if name not in policies:
         hint = " (whole-network rounding is now 'round-all:<format>')" if name.startswith("emulate:") else ""
         raise ValueError(f"unknown precision {name!r}{hint}; valid: {', '.join(POLICY_NAMES)} (e.g. 'round-all:fp16', 'round-all:e4m3fn')")

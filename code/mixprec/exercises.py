@@ -569,3 +569,64 @@ def check_ddp_bytes(setting: str, n_params: int, world_size: int, *, payload: fl
         msgs.append(f"环形算法中每个 rank 发出：你的答案 {value:,.0f}，应为 {true_wire:,}：reduce-scatter 和 all-gather 两个阶段"
                     f"各发 (W-1)/W 份，共 2(W-1)/W = {2 * (world_size - 1) / world_size:g} 份")
     return CheckResult(ok, msgs)
+
+
+def check_e2m1_pair(byte: int, values) -> CheckResult:
+    """One byte of ``torch.float4_e2m1fn_x2`` holds two E2M1 codes, element 0 in the low nibble.
+    ``values``: your two decoded values, (element 0, element 1)."""
+    from .formats import E2M1, decode
+
+    if isinstance(byte, bool) or not isinstance(byte, int) or not 0 <= byte < 256:
+        return CheckResult(False, [f"byte 应是 0 到 255 之间的整数，收到 {_short(byte)}"])
+    try:
+        pair = list(values)
+    except TypeError:
+        return CheckResult(False, [f"需要两个数 (元素 0, 元素 1)，收到 {_short(values)}"])
+    if len(pair) != 2:
+        return CheckResult(False, [f"一个字节存两个 E2M1 值，你给了 {len(pair)} 个"])
+    numbers = []
+    for i, v in enumerate(pair):
+        number, problem = _number(v, f"元素 {i}")
+        if problem:
+            return CheckResult(False, [problem])
+        numbers.append(number)
+    low, high = byte & 0xF, byte >> 4
+    truth = [decode(low, E2M1).value, decode(high, E2M1).value]
+    why = f"0x{byte:02X}：低 4 位 {low:04b} 是元素 0 = {truth[0]:g}，高 4 位 {high:04b} 是元素 1 = {truth[1]:g}（符号 1 位、指数 2 位、尾数 1 位，偏置 1）。"
+    if all(_close(a, b) for a, b in zip(numbers, truth)):
+        return CheckResult(True, [why])
+    if all(_close(a, b) for a, b in zip(numbers, reversed(truth))):
+        return CheckResult(False, ["两个值对调了：元素 0 在低 4 位（与 torchao 的 pack_uint4 相同）"])
+    return CheckResult(False, [f"预测 {numbers[0]:g}, {numbers[1]:g}，实际不是。提示：先把字节拆成高、低两个 4 位，"
+                               "再按 S EE M 读每一个；指数字段为 0 时是次正规数 0.M × 2^0。"])
+
+
+def check_nvfp4_scales(tensor_amax: float, block_amax: float, *, tensor_scale: float, block_scale: float) -> CheckResult:
+    """NVFP4's two scales for a block whose largest magnitude is ``block_amax``, in a tensor whose largest
+    is ``tensor_amax``: the FP32 tensor scale and the block's E4M3 scale, as ``mixprec.fp4.quantize_nvfp4`` computes them."""
+    from .fp4 import quantize_nvfp4
+
+    a, problem = _number(tensor_amax, "tensor_amax")
+    b, problem_b = _number(block_amax, "block_amax")
+    if problem or problem_b:
+        return CheckResult(False, [problem or problem_b])
+    if not 0 < b <= a:
+        return CheckResult(False, [f"需要 0 < block_amax ≤ tensor_amax，收到 {b:g} 和 {a:g}"])
+    guesses = []
+    for what, v in (("tensor_scale", tensor_scale), ("block_scale", block_scale)):
+        number, problem = _number(v, what)
+        if problem:
+            return CheckResult(False, [problem])
+        guesses.append(number)
+    x = torch.zeros(1, 32)
+    x[0, 0], x[0, 16] = a, b
+    q = quantize_nvfp4(x)
+    truth = [float(q.tensor_scale), float(q.block_scale[0, 16])]
+    why = (f"张量缩放因子 = {a:g} / (448 × 6) = {truth[0]:.6g}；块缩放因子 = ({b:g} / 6) / 张量缩放因子 = "
+           f"{b / 6 / truth[0]:.6g}，舍入到 E4M3 得 {truth[1]:g}。")
+    ok = [math.isclose(g, t, rel_tol=1e-4) for g, t in zip(guesses, truth)]
+    if all(ok):
+        return CheckResult(True, [why])
+    if not ok[0]:
+        return CheckResult(False, [f"张量缩放因子不对（你给的是 {guesses[0]:.6g}）。提示：它让整个张量最大的那个块的缩放因子正好是 E4M3 的最大值 448。"])
+    return CheckResult(False, [f"块缩放因子不对（你给的是 {guesses[1]:g}）。提示：先除以 6 再除以张量缩放因子，最后舍入到 E4M3（尾数 3 位）。"])

@@ -2,7 +2,8 @@
 // Self-contained (no network, no kernel). mixprec/widgets.py inlines this file into a notebook
 // output; tests/test_widgets.py loads it in node and checks it against mixprec.formats.
 //
-// A format is {name, E, M, bias, emin, special: "ieee"|"fn", max, minNormal, overflow: "saturate"|"nonfinite"}.
+// A format is {name, E, M, bias, emin, special: "ieee"|"fn"|"none", max, minNormal, overflow: "saturate"|"nonfinite"}.
+// "none" (E2M1) has neither inf nor NaN: every code is a number, and NaN has no bits.
 // Numbers are JavaScript doubles, so every format up to fp64 is handled exactly.
 
 var MixprecFloat = (function () {
@@ -40,6 +41,7 @@ var MixprecFloat = (function () {
   function fields(v, f) {
     var sign = v < 0 || Object.is(v, -0) ? 1 : 0;
     var top = Math.pow(2, f.E) - 1;
+    if (Number.isNaN(v) && f.special === "none") return null; // no code holds NaN
     if (Number.isNaN(v)) return { sign: 0, e: top, m: f.special === "fn" ? Math.pow(2, f.M) - 1 : Math.pow(2, f.M - 1) };
     var a = Math.abs(v);
     if (a === Infinity) return { sign: sign, e: top, m: 0 };
@@ -54,7 +56,7 @@ var MixprecFloat = (function () {
     var top = Math.pow(2, f.E) - 1;
     var mMax = Math.pow(2, f.M) - 1;
     if (p.e === top && f.special === "ieee") return p.m === 0 ? s * Infinity : NaN;
-    if (p.e === top && p.m === mMax) return NaN;
+    if (p.e === top && p.m === mMax && f.special === "fn") return NaN;
     if (p.e === 0) return s * p.m * Math.pow(2, f.emin - f.M);
     return s * (1 + p.m / Math.pow(2, f.M)) * Math.pow(2, p.e - f.bias);
   }
@@ -113,7 +115,7 @@ var MixprecFloat = (function () {
       formats.forEach(function (f) {
         var r = roundToFormat(x, f);
         var p = fields(r, f);
-        var bits = bitString(p, f);
+        var bits = p ? bitString(p, f) : ""; // NaN in E2M1: no bits to show
         var tr = document.createElement("tr");
         var tdName = document.createElement("td");
         tdName.textContent = f.name;

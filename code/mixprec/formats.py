@@ -7,7 +7,12 @@ A binary floating-point format is fixed by three numbers and one convention:
 * ``special``: how the all-ones exponent field is used.
   ``"ieee"`` reserves it for inf (mantissa 0) and NaN (anything else), like FP16 and E5M2.
   ``"fn"`` ("finite, NaN") has no inf and gives up only the all-ones code to NaN, like E4M3FN,
-  which is how E4M3 reaches 448 instead of 240.
+  which is how E4M3 reaches 448 instead of 240 (with no mantissa bits, as in E8M0, the all-ones
+  exponent field is that code). ``"none"`` has neither inf nor NaN: every code is a number, like
+  the OCP FP4 format E2M1, which is how two exponent bits reach 6;
+* ``signed`` (default True): a sign bit; the scale formats UE4M3 and E8M0 have none;
+* ``subnormals`` (default True): exponent field 0 holds zero and the subnormals; without them it
+  is one more binade of normal numbers, so there is no zero (E8M0: field 0 is 2**-127).
 
 Everything else (max, min normal, min subnormal, eps) follows from these, so it is computed here,
 never typed in.
@@ -22,6 +27,7 @@ bit-exact with the eager path for round-to-nearest-even (``_round_bits_fused``).
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 import re
@@ -32,7 +38,7 @@ from typing import Literal
 
 import torch
 
-Special = Literal["ieee", "fn"]
+Special = Literal["ieee", "fn", "none"]
 Rounding = Literal["nearest", "stochastic"]
 Overflow = Literal["auto", "saturate", "nonfinite"]
 Impl = Literal["auto", "eager", "compiled"]
@@ -48,19 +54,23 @@ class FloatFormat:
     bias: int
     special: Special = "ieee"
     torch_dtype: torch.dtype | None = None
+    signed: bool = True
+    subnormals: bool = True
 
     def __post_init__(self) -> None:
         if not 1 <= self.exponent_bits <= 11:
             raise ValueError(f"{self.name}: exponent_bits must be in 1..11, got {self.exponent_bits}")
         if not 0 <= self.mantissa_bits <= 52:
             raise ValueError(f"{self.name}: mantissa_bits must be in 0..52, got {self.mantissa_bits}")
-        if self.special not in ("ieee", "fn"):
-            raise ValueError(f"{self.name}: special must be 'ieee' or 'fn', got {self.special!r}")
-        if self.special == "fn" and self.mantissa_bits == 0:
-            raise ValueError(f"{self.name}: an 'fn' format needs at least one mantissa bit")
+        if self.special not in ("ieee", "fn", "none"):
+            raise ValueError(f"{self.name}: special must be 'ieee', 'fn' or 'none', got {self.special!r}")
+        if self.special == "fn" and self.mantissa_bits == 0 and self.exponent_bits < 2:
+            raise ValueError(f"{self.name}: an 'fn' format without mantissa bits needs at least two exponent bits")
+        if not self.subnormals and self.mantissa_bits:
+            raise ValueError(f"{self.name}: subnormals=False is modelled for formats without mantissa bits (E8M0) only")
         if isinstance(self.bias, bool) or not isinstance(self.bias, int):
             raise TypeError(f"{self.name}: bias must be an int, got {self.bias!r}")
-        top_field = 2**self.exponent_bits - (2 if self.special == "ieee" else 1)
+        top_field = self.emax + self.bias
         low, high = top_field - 1023, 1075 - self.mantissa_bits  # every value, subnormals included, a float64
         if not low <= self.bias <= high:
             raise ValueError(f"{self.name}: bias must be in {low}..{high} for E{self.exponent_bits}M{self.mantissa_bits} "
@@ -71,18 +81,19 @@ class FloatFormat:
     # --- derived properties -------------------------------------------------------------
     @property
     def bits(self) -> int:
-        return 1 + self.exponent_bits + self.mantissa_bits
+        return int(self.signed) + self.exponent_bits + self.mantissa_bits
 
     @property
     def emin(self) -> int:
-        """True exponent of the smallest normal number."""
-        return 1 - self.bias
+        """True exponent of the smallest normal number (field 1, or field 0 in a format without subnormals)."""
+        return (1 if self.subnormals else 0) - self.bias
 
     @property
     def emax(self) -> int:
         """True exponent of the largest finite number."""
         top_field = 2**self.exponent_bits - 1
-        return (top_field - 1 if self.special == "ieee" else top_field) - self.bias
+        whole_top_field_special = self.special == "ieee" or (self.special == "fn" and self.mantissa_bits == 0)
+        return (top_field - 1 if whole_top_field_special else top_field) - self.bias
 
     @property
     def has_normals(self) -> bool:
@@ -94,8 +105,8 @@ class FloatFormat:
         m = self.mantissa_bits
         if not self.has_normals:  # the largest subnormal
             return math.ldexp(2**m - 1, self.emin - m)
-        # "fn" loses the all-ones mantissa of the top binade to NaN.
-        top_mantissa = 2**m - 1 if self.special == "ieee" else 2**m - 2
+        # "fn" loses the all-ones mantissa of the top binade to NaN (with m = 0, the whole top binade).
+        top_mantissa = 2**m - 2 if self.special == "fn" and m else 2**m - 1
         return math.ldexp(1 + top_mantissa / 2**m, self.emax)
 
     @property
@@ -104,6 +115,7 @@ class FloatFormat:
 
     @property
     def min_subnormal(self) -> float:
+        """The smallest positive value (the smallest normal in a format without subnormals)."""
         return math.ldexp(1.0, self.emin - self.mantissa_bits)
 
     @property
@@ -119,6 +131,14 @@ class FloatFormat:
     @property
     def has_inf(self) -> bool:
         return self.special == "ieee"
+
+    @property
+    def has_nan(self) -> bool:
+        return self.special != "none"
+
+    @property
+    def has_zero(self) -> bool:
+        return self.subnormals
 
     @property
     def bytes(self) -> float:
@@ -138,7 +158,8 @@ class FloatFormat:
         return math.ldexp(1.0, e - self.mantissa_bits)
 
     def __repr__(self) -> str:
-        return f"FloatFormat({self.name}: E{self.exponent_bits}M{self.mantissa_bits}, bias={self.bias}, {self.special})"
+        extra = ("" if self.signed else ", unsigned") + ("" if self.subnormals else ", no subnormals")
+        return f"FloatFormat({self.name}: E{self.exponent_bits}M{self.mantissa_bits}, bias={self.bias}, {self.special}{extra})"
 
 
 def custom_format(exponent_bits: int, mantissa_bits: int, special: Special = "ieee", bias: int | None = None) -> FloatFormat:
@@ -154,7 +175,7 @@ def custom_format(exponent_bits: int, mantissa_bits: int, special: Special = "ie
     default_bias = 2 ** (exponent_bits - 1) - 1
     if bias is None:
         bias = default_bias
-    name = f"e{exponent_bits}m{mantissa_bits}" + ("fn" if special == "fn" else "")
+    name = f"e{exponent_bits}m{mantissa_bits}" + {"fn": "fn", "none": "finite"}.get(special, "")
     if special == "ieee" and _ALIASES.get(name, name) in FORMATS and FORMATS[_ALIASES.get(name, name)].special != "ieee":
         name += "ieee"
     if bias != default_bias:
@@ -169,12 +190,21 @@ FP16 = FloatFormat("fp16", 5, 10, 15, "ieee", torch.float16)
 BF16 = FloatFormat("bf16", 8, 7, 127, "ieee", torch.bfloat16)
 E4M3 = FloatFormat("e4m3fn", 4, 3, 7, "fn", torch.float8_e4m3fn)
 E5M2 = FloatFormat("e5m2", 5, 2, 15, "ieee", torch.float8_e5m2)
+# The OCP FP4 element format: no inf, no NaN, so its 16 codes are 15 distinct values (±0 twice):
+# 0, 0.5 (the one subnormal), 1, 1.5, 2, 3, 4, 6. (custom_format(2, 1) is the IEEE-style E2M1,
+# max 3, and "e2m1fn" would be max 4: neither is the format FP4 hardware uses, so "e2m1" names this one.)
+E2M1 = FloatFormat("e2m1", 2, 1, 1, "none")  # torch.float4_e2m1fn_x2 is packed storage only: see pack_e2m1
+# The scale formats of the block formats: E8M0 (MX), powers of two 2**-127 .. 2**127, 0xFF NaN, no
+# zero, no sign; UE4M3 (NVFP4), E4M3 without its sign bit.
+E8M0 = FloatFormat("e8m0fnu", 8, 0, 127, "fn", torch.float8_e8m0fnu, signed=False, subnormals=False)
+UE4M3 = FloatFormat("ue4m3", 4, 3, 7, "fn", signed=False)
 
-FORMATS: dict[str, FloatFormat] = {f.name: f for f in (FP64, FP32, TF32, FP16, BF16, E4M3, E5M2)}
+FORMATS: dict[str, FloatFormat] = {f.name: f for f in (FP64, FP32, TF32, FP16, BF16, E4M3, E5M2, E2M1, E8M0, UE4M3)}
 _ALIASES = {
     "float64": "fp64", "double": "fp64", "float32": "fp32", "float": "fp32", "float16": "fp16",
     "half": "fp16", "bfloat16": "bf16", "e4m3": "e4m3fn", "fp8_e4m3": "e4m3fn", "float8_e4m3fn": "e4m3fn",
-    "fp8_e5m2": "e5m2", "float8_e5m2": "e5m2",
+    "fp8_e5m2": "e5m2", "float8_e5m2": "e5m2", "fp4": "e2m1", "float4_e2m1fn": "e2m1",
+    "fp4_e2m1": "e2m1", "e8m0": "e8m0fnu", "float8_e8m0fnu": "e8m0fnu", "ue8m0": "e8m0fnu",
 }
 
 
@@ -192,10 +222,11 @@ def get_format(fmt: str | FloatFormat | torch.dtype) -> FloatFormat:
     key = _ALIASES.get(fmt.lower(), fmt.lower())
     if key in FORMATS:
         return FORMATS[key]
-    custom = re.fullmatch(r"e(\d{1,2})m(\d{1,2})(fn|ieee)?(?:_b(-?\d{1,4}))?", key)
+    custom = re.fullmatch(r"e(\d{1,2})m(\d{1,2})(fn|ieee|finite)?(?:_b(-?\d{1,4}))?", key)
     if custom:
         e, m, special, bias = custom.groups()
-        return custom_format(int(e), int(m), "fn" if special == "fn" else "ieee", None if bias is None else int(bias))
+        special = {"fn": "fn", "finite": "none"}.get(special, "ieee")
+        return custom_format(int(e), int(m), special, None if bias is None else int(bias))
     raise ValueError(f"unknown format {fmt!r}; use one of {sorted(FORMATS)} or 'eXmY' / 'eXmYfn' / 'eXmYieee' "
                      "(optionally '_b<bias>') for a custom one")
 
@@ -229,7 +260,7 @@ def decode(code: int, fmt: str | FloatFormat) -> Decoded:
     if not isinstance(code, int) or not 0 <= code < 2**fmt.bits:
         raise ValueError(f"{fmt.name} codes are integers in [0, 2**{fmt.bits}), got {code!r}")
     E, M = fmt.exponent_bits, fmt.mantissa_bits
-    sign = code >> (E + M)
+    sign = code >> (E + M)  # 0 in an unsigned format: its codes have no sign bit
     e_field = (code >> M) & (2**E - 1)
     m_field = code & (2**M - 1)
     s = -1.0 if sign else 1.0
@@ -238,9 +269,9 @@ def decode(code: int, fmt: str | FloatFormat) -> Decoded:
         if m_field == 0:
             return Decoded(sign, e_field, m_field, "inf", None, s * math.inf)
         return Decoded(sign, e_field, m_field, "nan", None, math.nan)
-    if e_field == top and m_field == 2**M - 1:  # "fn": only the all-ones code is NaN
+    if e_field == top and m_field == 2**M - 1 and fmt.special == "fn":  # "fn": only the all-ones code is NaN
         return Decoded(sign, e_field, m_field, "nan", None, math.nan)
-    if e_field == 0:
+    if e_field == 0 and fmt.subnormals:
         if m_field == 0:
             return Decoded(sign, 0, 0, "zero", None, s * 0.0)
         return Decoded(sign, 0, m_field, "subnormal", fmt.emin, s * math.ldexp(m_field, fmt.emin - M))
@@ -254,20 +285,27 @@ def encode(value: float, fmt: str | FloatFormat) -> int:
     E, M = fmt.exponent_bits, fmt.mantissa_bits
     sign = 1 if math.copysign(1.0, value) < 0 else 0
     if math.isnan(value):  # the canonical NaN: all exponent and mantissa bits set
+        if not fmt.has_nan:
+            raise ValueError(f"{fmt.name} has no NaN")
         return (2 ** (E + M) - 1) if fmt.special == "fn" else (2**E - 1) << M | 1 << max(M - 1, 0)
+    if sign and not fmt.signed and value != 0:
+        raise ValueError(f"{fmt.name} is unsigned: {value!r} has no code")
+    sign = sign if fmt.signed else 0
     a = abs(value)
     if math.isinf(a):
         if not fmt.has_inf:
             raise ValueError(f"{fmt.name} has no infinity")
         return sign << (E + M) | (2**E - 1) << M
     if a == 0:
+        if not fmt.has_zero:
+            raise ValueError(f"{fmt.name} has no zero")
         return sign << (E + M)
     if a < fmt.min_normal:
         e_field, scaled = 0, math.ldexp(a, M - fmt.emin)
     else:
         exponent = math.frexp(a)[1] - 1
         e_field, scaled = exponent + fmt.bias, math.ldexp(a, M - exponent) - 2**M
-    if scaled != int(scaled) or a > fmt.max:
+    if scaled != int(scaled) or a > fmt.max or a < fmt.min_subnormal:
         raise ValueError(f"{value!r} is not exactly representable in {fmt.name}; round it first")
     return sign << (E + M) | e_field << M | int(scaled)
 
@@ -282,14 +320,15 @@ def decode_all(fmt: str | FloatFormat) -> torch.Tensor:
     sign = torch.where((code >> (E + M)) == 1, -1.0, 1.0).double()
     e_field = (code >> M) & (2**E - 1)
     m_field = (code & (2**M - 1)).double()
-    exponent = torch.clamp(e_field, min=1) - fmt.bias
-    significand = torch.where(e_field == 0, m_field, m_field + 2**M)
+    exponent = (torch.clamp(e_field, min=1) if fmt.subnormals else e_field) - fmt.bias
+    subnormal = (e_field == 0) & fmt.subnormals
+    significand = torch.where(subnormal, m_field, m_field + 2**M)
     value = sign * torch.ldexp(significand, (exponent - M).double())
     top = e_field == 2**E - 1
     if fmt.special == "ieee":
         value = torch.where(top & (m_field == 0), sign * math.inf, value)
         value = torch.where(top & (m_field != 0), math.nan, value)
-    else:
+    elif fmt.special == "fn":
         value = torch.where(top & (m_field == 2**M - 1), math.nan, value)
     return value
 
@@ -326,8 +365,17 @@ def round_to_format(
         ``"saturate"`` clamps to ±max. ``"nonfinite"`` gives ±inf, or NaN in a format without inf.
         ``"auto"`` (default) does what the installed torch's cast ``x.to(fmt.torch_dtype)`` does on
         x's device (checked once by trying it; torch 2.13 saturates E4M3FN, even from inf);
-        for formats without a torch dtype it means ``"nonfinite"``.
+        for formats without a torch dtype it means ``"nonfinite"``, except in formats without NaN
+        (E2M1) and unsigned ones (UE4M3), where it means ``"saturate"``: E2M1 has no code to
+        overflow to, and NVFP4 clamps its UE4M3 scales. ``"nonfinite"`` is refused for E2M1.
     NaN stays NaN, the sign of zero is kept, and subnormals are produced, not flushed.
+    Formats without NaN or sign (the FP4 family), as ml_dtypes casts to them, except for NaN:
+    * E2M1: NaN comes back as a float32 NaN, which no E2M1 code holds (ml_dtypes makes it -0;
+      ``pack_e2m1`` refuses it); ±inf saturate to ±6.
+    * unsigned formats (UE4M3, E8M0): negative numbers and -inf become NaN; -0 becomes +0 (UE4M3).
+    * E8M0 (powers of two, no zero): a tie 1.5·2**k goes up, as ml_dtypes and torch round it (no
+      mantissa bit to be even); positive values below 2**-127 become 2**-127; zero becomes NaN,
+      as in ml_dtypes (torch's cast gives 2**-127, and drops the sign of negative numbers).
     impl: ``"eager"`` is the reference code below. ``"compiled"`` is one fused ``torch.compile`` kernel
         (bit-exact with eager for ``"nearest"``; ``"stochastic"`` draws its random bits from a
         counter-based hash seeded by ``generator``, so its stream differs from eager's). ``"auto"``
@@ -350,12 +398,20 @@ def round_to_format(
     if overflow not in ("auto", "saturate", "nonfinite"):
         raise ValueError(f"overflow must be 'auto', 'saturate' or 'nonfinite', got {overflow!r}")
     x = x.detach().float().contiguous()  # values only: rounding has no useful gradient
+    if overflow == "auto":
+        overflow = "saturate" if not fmt.has_nan or (not fmt.signed and fmt.torch_dtype is None) else \
+            torch_overflow_convention(fmt, x.device.type)
+    if overflow == "nonfinite" and not fmt.has_nan:
+        raise ValueError(f"{fmt.name} has neither inf nor NaN: overflow must be 'saturate' (or 'auto')")
+    if not fmt.subnormals:
+        return _round_power_of_two(x, fmt, rounding, generator, overflow)
     if fmt.mantissa_bits >= 23 and fmt.emin <= FP32.emin and fmt.emax >= FP32.emax:
         return x.clone()  # every float32 is already representable (fp32, fp64)
     if fmt.emin < FP32.emin or fmt.emax > FP32.emax:
         raise ValueError(f"{fmt.name}: round_to_format emulates formats whose exponent range fits in float32 (E <= 8)")
-    if overflow == "auto":
-        overflow = torch_overflow_convention(fmt, x.device.type)
+    if not fmt.signed:  # round the magnitude, then give negative numbers the NaN they become
+        out = round_to_format(x.abs(), dataclasses.replace(fmt, signed=True), rounding, generator, overflow, "eager")
+        return torch.where(x < 0, math.nan, out)
     if impl == "compiled" or (impl == "auto" and x.numel() >= COMPILE_MIN_NUMEL and compiled_rounding_enabled()):
         out = _round_compiled(x, fmt, rounding, generator, overflow)
         if out is not None:
@@ -378,6 +434,26 @@ def round_to_format(
             o.masked_fill_(o > fmt.max, math.inf if fmt.has_inf else math.nan)
         torch.copysign(o, xs, out=o)
     return out.view(x.shape)
+
+
+def _round_power_of_two(x: torch.Tensor, fmt: FloatFormat, rounding: Rounding, generator, overflow: str) -> torch.Tensor:
+    """``x`` rounded to a format of powers of two without zero or sign (E8M0): 2**emin .. 2**emax.
+
+    Between 2**k and 2**(k+1) the midpoint is 1.5·2**k; it rounds up. Stochastic rounding goes up
+    with probability (|x| - 2**k) / 2**k, so it is unbiased. Zero and negative numbers have no code: NaN.
+    """
+    mantissa, exponent = torch.frexp(x)  # x = mantissa * 2**exponent, mantissa in [0.5, 1)
+    low = torch.ldexp(torch.ones_like(x), exponent - 1)  # 2**floor(log2 x), float32 subnormals included
+    if rounding == "nearest":
+        # Between 2**-127 and 2**-126 (float32 subnormals) ml_dtypes and torch both round everything
+        # above 2**-127 up: a quirk of rounding the bit pattern, which we copy to stay equal to them.
+        up = (mantissa >= 0.75) | ((x > 2.0**-127) & (x < 2.0**-126))
+    else:
+        up = torch.rand(x.shape, generator=generator, device=x.device) < (x - low) / low
+    out = torch.where(up, low * 2, low).clamp(min=fmt.min_normal)
+    too_big = (out > fmt.max) | (x == math.inf)
+    out = torch.where(too_big, fmt.max if overflow == "saturate" else math.nan, out)
+    return torch.where(x > 0, out, math.nan)  # zero, negative numbers and NaN: NaN
 
 
 def _round_magnitude_same_exponent(x, out, fmt: FloatFormat, rounding: Rounding, generator, scratch_float, scratch_int) -> None:
@@ -605,3 +681,48 @@ def float32_for_rounding(x: torch.Tensor, fmt: str | FloatFormat) -> torch.Tenso
     y = torch.where(away, torch.nextafter(y, torch.zeros_like(y)), y)
     inexact = (y.double() != x) & ~torch.isnan(x)
     return torch.bitwise_or(y.view(torch.int32), inexact.to(torch.int32)).view(torch.float32)
+
+
+# --- FP4 storage: two E2M1 codes a byte ---------------------------------------------------------
+
+_E2M1_MAGNITUDES = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0)  # codes 0..7; code | 8 is the negative
+
+
+def e2m1_codes(values: torch.Tensor) -> torch.Tensor:
+    """The 4-bit E2M1 codes (uint8, 0..15) of values already on the E2M1 grid (round them first)."""
+    if not isinstance(values, torch.Tensor) or not values.is_floating_point():
+        raise TypeError(f"e2m1_codes takes a floating-point tensor, got {type(values).__name__}")
+    v = values.detach().float()
+    if v.isnan().any():
+        raise ValueError("E2M1 has no NaN: a NaN has no 4-bit code")
+    grid = torch.tensor(_E2M1_MAGNITUDES, device=v.device)
+    magnitude = torch.searchsorted(grid, v.abs())
+    if (magnitude > 7).any() or (grid[magnitude.clamp(max=7)] != v.abs()).any():
+        raise ValueError("values are not on the E2M1 grid (0, 0.5, 1, 1.5, 2, 3, 4, 6 and negatives): round them "
+                         "with round_to_format(x, 'e2m1') first")
+    negative = torch.signbit(v).to(torch.uint8)  # -0 keeps its own code, 8
+    return (negative << 3 | magnitude.to(torch.uint8))
+
+
+def pack_e2m1(values: torch.Tensor) -> torch.Tensor:
+    """E2M1 values as ``torch.float4_e2m1fn_x2``: two codes a byte, element 0 in the low nibble.
+
+    The last dimension halves, as in torchao's ``pack_uint4`` and PyTorch's packed FP4 dtype
+    (which stores bytes only: it has no casts and no arithmetic).
+    """
+    codes = e2m1_codes(values)
+    if codes.dim() == 0 or codes.shape[-1] % 2:
+        raise ValueError(f"packing needs an even last dimension, got shape {tuple(codes.shape)}")
+    pairs = codes.reshape(*codes.shape[:-1], codes.shape[-1] // 2, 2)
+    return (pairs[..., 0] | pairs[..., 1] << 4).view(torch.float4_e2m1fn_x2)
+
+
+def unpack_e2m1(packed: torch.Tensor) -> torch.Tensor:
+    """``pack_e2m1``'s inverse: float32 values, the last dimension doubled."""
+    if not isinstance(packed, torch.Tensor) or packed.dtype not in (torch.float4_e2m1fn_x2, torch.uint8):
+        raise TypeError(f"unpack_e2m1 takes a torch.float4_e2m1fn_x2 (or uint8) tensor, got "
+                        f"{getattr(packed, 'dtype', type(packed).__name__)}")
+    b = packed.view(torch.uint8)
+    codes = torch.stack([b & 0xF, b >> 4], dim=-1).reshape(*b.shape[:-1], b.shape[-1] * 2)
+    magnitude = torch.tensor(_E2M1_MAGNITUDES, device=b.device)[(codes & 7).long()]
+    return torch.where((codes & 8) > 0, -magnitude, magnitude)

@@ -322,4 +322,50 @@ def data_parallel(settings=("ddp,fp32", "ddp,fp32,hook=bf16", "fsdp2,bf16-master
             ax.text(arrow_x + 0.12, 1.675 + 0.11 * (len(collectives) - 1) - 0.22 * j, f"{name} {zh_what if zh else en_what}: {dtype}",
                     ha="left", va="center", fontsize=7, color=plots.color({"BF16": "bf16", "FP16": "fp16"}.get(dtype, "fp32")))
     fig.schematic_data = data
+
+
+# --- FP4 (NVFP4, MXFP4): two-level scaling against one power-of-two scale -------------------------
+
+def fp4_scaling(seed: int = 0):
+    """One row of 32 values as NVFP4 (an FP32 tensor scale × one E4M3 scale per 16 × E2M1 values) and as
+    MXFP4 (one E8M0 scale per 32 × E2M1 values). Every number drawn is read from ``mixprec.fp4``'s
+    quantizers on that row; each cell shows the stored E2M1 value, shaded by its magnitude."""
+    import torch
+
+    from .fp4 import quantize_mxfp4, quantize_nvfp4
+
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(1, 32, generator=g) * torch.cat([torch.full((16,), 0.2), torch.full((16,), 3.0)])  # a quiet and a loud half
+    nv, mx = quantize_nvfp4(x), quantize_mxfp4(x)
+    fig, ax = canvas(7.4, 3.3)
+    cell, left = 0.2, 0.8
+    rows = [(plots.label("NVFP4", "NVFP4"), nv, 2.05, 16, "#cfe3f7",
+             lambda b: plots.label(f"E4M3 块缩放 {b:g}", f"E4M3 block scale {b:g}")),
+            (plots.label("MXFP4", "MXFP4"), mx, 0.45, 32, "#f7dccf",
+             lambda b: plots.label(f"E8M0 块缩放 2^{int(torch.log2(torch.tensor(b)).item())}",
+                                   f"E8M0 block scale 2^{int(torch.log2(torch.tensor(b)).item())}"))]
+    for title, q, y, block, color, scale_text in rows:
+        ax.text(0.05, y + cell / 2, title, fontsize=9, fontweight="bold", va="center")
+        for j in range(32):
+            v = float(q.values[0, j])
+            shade = 0.25 + 0.75 * abs(v) / 6
+            ax.add_patch(plt.Rectangle((left + j * cell, y), cell, cell, facecolor=plt.cm.Greys(shade * 0.6),
+                                       edgecolor="#555555", linewidth=0.4))
+            ax.text(left + j * cell + cell / 2, y + cell / 2, f"{v:g}", fontsize=4.2, ha="center", va="center",
+                    color="black")
+        for start in range(0, 32, block):
+            b = float(q.block_scale[0, start])
+            box(ax, left + start * cell + 0.05, y + 0.35, block * cell - 0.1, 0.3, scale_text(b), color=color, fontsize=7)
+        sqnr = 10 * torch.log10(x.pow(2).sum() / (x - q.dequantize()).pow(2).sum()).item()
+        ax.text(left + 32 * cell + 0.1, y + cell / 2, plots.label(f"SQNR {sqnr:.1f} dB", f"SQNR {sqnr:.1f} dB"), fontsize=7, va="center")
+    box(ax, left, 3.0 - 0.05, 32 * cell, 0.28,
+        plots.label(f"FP32 张量缩放 = amax / (448 × 6) = {float(nv.tensor_scale):.4g}",
+                    f"FP32 tensor scale = amax / (448 × 6) = {float(nv.tensor_scale):.4g}"), color="#e8e8e8", fontsize=7)
+    ax.text(left, 1.75, plots.label("每格：存储的 E2M1 值（4 位）；数值 = 张量缩放 × 块缩放 × E2M1",
+                                    "each cell: the stored E2M1 value (4 bits); number = tensor scale × block scale × E2M1"),
+            fontsize=7, color="#333333")
+    ax.text(left, 0.15, plots.label("数值 = 块缩放（2 的幂）× E2M1；32 个数共用一个缩放因子",
+                                    "number = block scale (a power of two) × E2M1; 32 values share one scale"),
+            fontsize=7, color="#333333")
+    fig.schematic_data = {"x": x, "nvfp4": nv, "mxfp4": mx}
     return fig

@@ -71,7 +71,7 @@ def format_spec(fmt: FloatFormat) -> dict:
         "special": fmt.special,
         "max": fmt.max,
         "minNormal": fmt.min_normal,
-        "overflow": torch_overflow_convention(fmt, "cpu"),
+        "overflow": "saturate" if not fmt.has_nan else torch_overflow_convention(fmt, "cpu"),
     }
 
 
@@ -82,6 +82,9 @@ class FormatExplorer:
         if not formats:
             raise ValueError("formats must name at least one format")
         self.formats = [get_format(f) for f in formats]
+        for f in self.formats:
+            if not f.signed or not f.subnormals:
+                raise ValueError(f"the explorer shows signed formats with subnormals; {f.name} is not one (E8M0, UE4M3 are scale formats)")
         self.value = str(value)
         self.id = "mp-" + uuid.uuid4().hex[:10]
 

@@ -43,7 +43,7 @@ def storyteller(size: str = "tiny", steps: int = 1000, precision: str = "fp32", 
 
     from ..amp import get_policy
 
-    if get_policy(precision).fp8:  # checked first (a name or a Policy object): before any stories or tokenizer are made
+    if get_policy(precision).fp8 or get_policy(precision).fp4:  # checked first (a name or a Policy object): before any stories or tokenizer are made
         raise ValueError("storyteller() caches plain GPT-2 checkpoints; train an fp8 model with story.train on a copy instead")
     progress = train_options.pop("progress", True)  # how it is shown does not change what is trained: not part of the key
     config = {"size": size, "steps": steps, "precision": precision, "n_stories": n_stories, "seed": seed, "options": train_options}

@@ -216,7 +216,7 @@ def _one_run(size: str, vocab_size: int, eos_token_id: int, seed: int, data: Tok
         return train(model, data, **options), model
 
     policy = get_policy(options.get("precision", "fp32"))
-    plain = policy.fp8 is None and policy.param_dtype == torch.float32 and not policy.master_weights
+    plain = policy.fp8 is None and policy.fp4 is None and policy.param_dtype == torch.float32 and not policy.master_weights
     config = {"size": size, "vocab_size": vocab_size, "eos_token_id": eos_token_id, "init_seed": seed, "data": data.fingerprint(),
               "options": {k: v for k, v in options.items() if k != "progress"}}  # how progress is shown changes nothing trained
     try:
