@@ -52,6 +52,9 @@ def test_chapters_rendered(build_log):
     assert page.count("<img") >= 5 and "{glue" not in page and page.count("<table") >= 6 and page.count("✔ 正确") >= 3
     page = (HTML / "book" / "05_fp8.html").read_text()
     assert "MixprecFp8.mount" in page and page.count("<img") >= 2 and "{glue" not in page and page.count("<table") >= 4 and page.count("✔ 正确") >= 1
+    page = (HTML / "book" / "06_fp4.html").read_text()
+    assert "MixprecFloat.mount" in page and page.count("<img") >= 2 and "{glue" not in page and page.count("<table") >= 4
+    assert page.count("✔ 正确") >= 2
     page = (HTML / "book" / "07_debugging.html").read_text()
     assert page.count("<img") >= 6 and "{glue" not in page and page.count("<table") >= 3 and page.count("✔ 正确") >= 1
     page = (HTML / "book" / "08_story_generation.html").read_text()
