@@ -322,6 +322,7 @@ def data_parallel(settings=("ddp,fp32", "ddp,fp32,hook=bf16", "fsdp2,bf16-master
             ax.text(arrow_x + 0.12, 1.675 + 0.11 * (len(collectives) - 1) - 0.22 * j, f"{name} {zh_what if zh else en_what}: {dtype}",
                     ha="left", va="center", fontsize=7, color=plots.color({"BF16": "bf16", "FP16": "fp16"}.get(dtype, "fp32")))
     fig.schematic_data = data
+    return fig
 
 
 # --- FP4 (NVFP4, MXFP4): two-level scaling against one power-of-two scale -------------------------
