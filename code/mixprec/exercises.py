@@ -87,6 +87,17 @@ def _number(value, what: str) -> tuple[float | None, str | None]:
     return number, None
 
 
+def _numbers(labelled) -> tuple[list[float] | None, str | None]:
+    """``_number`` for each (value, label) pair: ``(floats, None)``, or ``(None, feedback)`` for the first bad one."""
+    numbers = []
+    for value, what in labelled:
+        number, problem = _number(value, what)
+        if problem:
+            return None, problem
+        numbers.append(number)
+    return numbers, None
+
+
 def _format_or_feedback(fmt) -> tuple[FloatFormat | None, CheckResult | None]:
     try:
         return get_format(fmt), None
@@ -454,11 +465,9 @@ def check_outlier_recipe(recipe: str, where: str = "token") -> CheckResult:
 
 def e2m1_values() -> list[float]:
     """Every non-negative value of FP4 E2M1 (OCP MX v1.0): 2 exponent bits, bias 1, 1 mantissa bit, no inf or NaN."""
-    values = []
-    for e in range(4):
-        for m in range(2):
-            values.append(m * 0.5 if e == 0 else (1 + m / 2) * 2.0 ** (e - 1))  # e = 0: subnormal, 2^(1-bias) · 0.m
-    return values
+    from .formats import E2M1, decode
+
+    return [decode(code, E2M1).value for code in range(8)]  # codes 0-7: sign bit clear
 
 
 def check_e2m1_values(values) -> CheckResult:
@@ -474,12 +483,9 @@ def check_e2m1_values(values) -> CheckResult:
         return CheckResult(False, [f"读取答案时出错：{type(error).__name__}: {error}"])
     if len(answer) > 64:
         return CheckResult(False, [f"E2M1 只有 4 位，至多 16 个编码；你给了 {len(answer)} 个数"])
-    numbers = []
-    for i, v in enumerate(answer):
-        number, problem = _number(v, f"第 {i + 1} 个数")
-        if problem:
-            return CheckResult(False, [problem])
-        numbers.append(number)
+    numbers, problem = _numbers((v, f"第 {i + 1} 个数") for i, v in enumerate(answer))
+    if problem:
+        return CheckResult(False, [problem])
     got = sorted(set(numbers))
     if any(v < 0 for v in got):
         return CheckResult(False, ["只列非负值（0 和正数）；负值由符号位给出，与正值对称"])
@@ -584,12 +590,9 @@ def check_e2m1_pair(byte: int, values) -> CheckResult:
         return CheckResult(False, [f"需要两个数 (元素 0, 元素 1)，收到 {_short(values)}"])
     if len(pair) != 2:
         return CheckResult(False, [f"一个字节存两个 E2M1 值，你给了 {len(pair)} 个"])
-    numbers = []
-    for i, v in enumerate(pair):
-        number, problem = _number(v, f"元素 {i}")
-        if problem:
-            return CheckResult(False, [problem])
-        numbers.append(number)
+    numbers, problem = _numbers((v, f"元素 {i}") for i, v in enumerate(pair))
+    if problem:
+        return CheckResult(False, [problem])
     low, high = byte & 0xF, byte >> 4
     truth = [decode(low, E2M1).value, decode(high, E2M1).value]
     why = f"0x{byte:02X}：低 4 位 {low:04b} 是元素 0 = {truth[0]:g}，高 4 位 {high:04b} 是元素 1 = {truth[1]:g}（符号 1 位、指数 2 位、尾数 1 位，偏置 1）。"
@@ -612,12 +615,9 @@ def check_nvfp4_scales(tensor_amax: float, block_amax: float, *, tensor_scale: f
         return CheckResult(False, [problem or problem_b])
     if not 0 < b <= a:
         return CheckResult(False, [f"需要 0 < block_amax ≤ tensor_amax，收到 {b:g} 和 {a:g}"])
-    guesses = []
-    for what, v in (("tensor_scale", tensor_scale), ("block_scale", block_scale)):
-        number, problem = _number(v, what)
-        if problem:
-            return CheckResult(False, [problem])
-        guesses.append(number)
+    guesses, problem = _numbers(((tensor_scale, "tensor_scale"), (block_scale, "block_scale")))
+    if problem:
+        return CheckResult(False, [problem])
     x = torch.zeros(1, 32)
     x[0, 0], x[0, 16] = a, b
     q = quantize_nvfp4(x)
