@@ -27,6 +27,10 @@ A policy is data (``Policy``); ``get_policy(name)`` parses a name:
 ``fp16``, ``bf16``          inference only: a copy of the model with every weight converted (pure low precision)
 ``fp8-weight``             inference only: a copy whose weight matrices are rounded to E4M3, one scale per
                            tensor (weight-only FP8, emulated; activations stay FP32)
+``nvfp4-weight``,          inference only: a copy whose linear layers (not the output layer) hold NVFP4 or
+``mxfp4-weight``           MXFP4 weights (``mixprec.fp4.quantize_for_inference``, emulated; activations FP32)
+``nvfp4-w4a4``,            inference only: as above, and every such layer's input quantized to the same format
+``mxfp4-w4a4``
 =========================  ======================================================================
 
 A policy name means the same arithmetic on every device; only the kernels differ, and the notes of
@@ -55,7 +59,8 @@ from torch.utils._pytree import tree_leaves, tree_map
 
 from .emulate import EmulatedAutocast, RoundAllOps, held_in
 from .formats import FloatFormat, get_format, round_to_format
-from .fp4 import FP4Recipe, convert_to_fp4
+from .fp4 import INFERENCE_KINDS as FP4_INFERENCE_KINDS
+from .fp4 import FP4Recipe, convert_to_fp4, quantize_for_inference
 from .fp8 import RECIPES, convert_to_fp8, quantize_tensorwise
 from .optim import BF16AdamW
 from .scaling import NoLossScaler
@@ -65,7 +70,7 @@ BASE_POLICIES = ("fp32", "tf32", "fp16-amp", "bf16-amp", "bf16-pure", "bf16-pure
 FP8_POLICIES = tuple(f"fp8:{recipe}" for recipe in RECIPES)
 FP4_POLICIES = ("fp4:nvfp4", "fp4:mxfp4")  # each takes the recipe's switches: fp4:nvfp4:no-hadamard...
 AUTOCAST_VARIANTS = ("fp16-amp:native", "fp16-amp:cpu-lists", "bf16-amp:native", "bf16-amp:cpu-lists")
-INFERENCE_POLICIES = ("fp16", "bf16", "fp8-weight")  # inference only: training refuses them
+INFERENCE_POLICIES = ("fp16", "bf16", "fp8-weight", "nvfp4-weight", "mxfp4-weight", "nvfp4-w4a4", "mxfp4-w4a4")  # inference only: training refuses them
 POLICY_NAMES = BASE_POLICIES + FP8_POLICIES + FP4_POLICIES + AUTOCAST_VARIANTS + INFERENCE_POLICIES + ("round-all:<format>",)
 
 
@@ -96,7 +101,9 @@ class Policy:
     master_weights: bool = False  # FP32 master copy owned by the optimizer; the model holds the working copy
     uses_scaler: bool = False  # a GradScaler by default
     weights_fp8: bool = False  # inference: weight matrices rounded to E4M3, one scale per tensor
-    inference_only: bool = False  # fp16, bf16, fp8-weight: a way to run a trained model, not to train one
+    weights_fp4: str | None = None  # inference: linear layers' weights in "nvfp4" or "mxfp4" (mixprec.fp4)
+    activations_fp4: bool = False  # inference, with weights_fp4: those layers' inputs quantized too
+    inference_only: bool = False  # fp16, bf16, fp8-weight, *fp4-*: a way to run a trained model, not to train one
 
     def __post_init__(self):
         if self.autocast not in ("auto", "native", "emulate-cuda", "emulate-cpu"):
@@ -107,6 +114,10 @@ class Policy:
             raise TypeError(f"fp4 must be None or a mixprec.fp4.FP4Recipe (e.g. FP4Recipe.from_name('nvfp4')), got {self.fp4!r}")
         if self.fp8 is not None and self.fp4 is not None:
             raise ValueError("a policy has FP8 or FP4 linear layers, not both")
+        if self.weights_fp4 not in (None, *FP4_INFERENCE_KINDS):
+            raise ValueError(f"weights_fp4 must be None, 'nvfp4' or 'mxfp4', got {self.weights_fp4!r}")
+        if self.activations_fp4 and self.weights_fp4 is None:
+            raise ValueError("activations_fp4 needs weights_fp4 (W4A4: weights and activations in FP4)")
         if self.autocast_dtype not in (None, torch.float16, torch.bfloat16):
             raise ValueError(f"autocast_dtype must be None, torch.float16 or torch.bfloat16, got {self.autocast_dtype!r}")
         if not isinstance(self.param_dtype, torch.dtype) or not self.param_dtype.is_floating_point:
@@ -225,7 +236,7 @@ class Policy:
 
     def inference_model(self, model: torch.nn.Module) -> torch.nn.Module:
         """``model`` ready to run under ``compute``: itself, or a converted copy (the caller's model is never changed)."""
-        if self.param_dtype == torch.float32 and not self.fp8 and not self.fp4 and not self.weights_fp8:
+        if self.param_dtype == torch.float32 and not self.fp8 and not self.fp4 and not self.weights_fp8 and not self.weights_fp4:
             return model
         model = copy.deepcopy(model)
         if self.fp8:
@@ -237,6 +248,8 @@ class Policy:
                 for p in model.parameters():
                     if p.dim() == 2:
                         p.copy_(quantize_tensorwise(p).dequantize())
+        if self.weights_fp4:
+            quantize_for_inference(model, self.weights_fp4, activations=self.activations_fp4)
         return model.to(self.param_dtype) if self.param_dtype != torch.float32 else model
 
     def peak_dtype(self) -> str:
@@ -245,7 +258,7 @@ class Policy:
             return "fp8"
         if self.fp4:
             return "fp32"  # emulated: the matmuls really run in FP32
-        if self.round_all is not None or self.weights_fp8:
+        if self.round_all is not None or self.weights_fp8 or self.weights_fp4:
             return "fp32"  # emulations: the matmuls really run in FP32
         dtype = self.autocast_dtype or self.param_dtype
         if dtype != torch.float32:
@@ -267,6 +280,9 @@ class Policy:
             compute = "FP32; TF32 matmuls (CUDA)"
         elif self.weights_fp8:
             compute = "FP32, weights rounded to E4M3"
+        elif self.weights_fp4:
+            operands = "weights and inputs" if self.activations_fp4 else "weights"
+            compute = f"FP32, linear layers' {operands} in {self.weights_fp4.upper()} (emulated)"
         else:
             compute = low[self.param_dtype]
         weights = f"FP32 ({self.round_all.name} values)" if self.round_all is not None else low[self.param_dtype]
@@ -281,7 +297,9 @@ class Policy:
             low = (1 + self.round_all.exponent_bits + self.round_all.mantissa_bits) / 8
             return {"weights": 4 + low, "grads": 4, "optimizer": 8, "autocast_cache": 0}
         low = torch.finfo(self.param_dtype).bits / 8
-        if self.inference_only:  # no gradients, no optimizer; fp8-weight's E4M3 values, were they stored natively
+        if self.inference_only:  # no gradients, no optimizer; fp8-weight's and *fp4-*'s values, were they stored natively
+            if self.weights_fp4:  # the quantized matrices: 4 bits a value plus an 8-bit scale per 16 (NVFP4) or 32 (MXFP4)
+                low = (4 + 8 / (16 if self.weights_fp4 == "nvfp4" else 32)) / 8
             return {"weights": 1 if self.weights_fp8 else low, "grads": 0, "optimizer": 0, "autocast_cache": 0}
         if self.master_weights:
             # grads_to_master converts one gradient at a time and frees the low-precision one: the
@@ -381,6 +399,9 @@ def get_policy(name: str | Policy) -> Policy:
         "fp16": Policy("fp16", param_dtype=torch.float16, inference_only=True),
         "bf16": Policy("bf16", param_dtype=torch.bfloat16, inference_only=True),
         "fp8-weight": Policy("fp8-weight", weights_fp8=True, inference_only=True),
+        **{f"{kind}-weight": Policy(f"{kind}-weight", weights_fp4=kind, inference_only=True) for kind in FP4_INFERENCE_KINDS},
+        **{f"{kind}-w4a4": Policy(f"{kind}-w4a4", weights_fp4=kind, activations_fp4=True, inference_only=True)
+           for kind in FP4_INFERENCE_KINDS},
     }
     for prefix, dtype in (("fp16", torch.float16), ("bf16", torch.bfloat16)):
         for suffix, autocast in (("", "auto"), (":native", "native"), (":cpu-lists", "emulate-cpu")):

@@ -313,3 +313,64 @@ def convert_to_fp4(model: torch.nn.Module, recipe: FP4Recipe | str = "nvfp4") ->
         return not (fits and recipe.in_fp4(fqn, n_blocks))
 
     return swap_linears(model, lambda linear: Float8Linear.from_float(linear, config), skip=keep)
+
+
+# --- inference: FP4 weights, and optionally FP4 activations ---------------------------------------
+
+INFERENCE_KINDS = ("nvfp4", "mxfp4")
+
+
+def quantize_fp4(x: torch.Tensor, kind: str, mx_scaling: str = "floor") -> FP4Tensor:
+    """``x`` in NVFP4 (16-value blocks along the last dimension, E4M3 block scales, FP32 tensor scale) or MXFP4 (scales by ``mx_scaling``)."""
+    if kind not in INFERENCE_KINDS:
+        raise ValueError(f"kind must be one of {INFERENCE_KINDS}, got {kind!r}")
+    return quantize_nvfp4(x) if kind == "nvfp4" else quantize_mxfp4(x, mx_scaling)
+
+
+class FP4InferenceLinear(torch.nn.Module):
+    """A linear layer for inference whose weight is stored in FP4; with ``activations``, its input is quantized too.
+
+    Blocks run along the input dimension (the product's K) for both operands, as FP4 tensor cores
+    take them. The weight is quantized once and kept dequantized; the product runs in the input's
+    dtype (emulation: the values are FP4's, the arithmetic is not). ``mx_scaling``: MXFP4's scale rule
+    (``floor`` is OCP's; torchao's inference configs default to ``rceil``).
+    """
+
+    def __init__(self, linear: torch.nn.Linear, kind: str, activations: bool = False, mx_scaling: str = "floor"):
+        super().__init__()
+        self.kind, self.activations, self.mx_scaling = kind, activations, mx_scaling
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+        weight = quantize_fp4(linear.weight, kind, mx_scaling).dequantize().to(linear.weight.dtype)
+        self.weight = torch.nn.Parameter(weight, requires_grad=False)
+        self.bias = linear.bias
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.activations:
+            x = quantize_fp4(x, self.kind, self.mx_scaling).dequantize().to(x.dtype)
+        return torch.nn.functional.linear(x, self.weight.to(x.dtype), None if self.bias is None else self.bias.to(x.dtype))
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, {self.kind}, " \
+               f"{'weights and activations' if self.activations else 'weights only'}"
+
+
+def quantize_for_inference(model: torch.nn.Module, kind: str = "nvfp4", activations: bool = False,
+                           include=lambda fqn: not fqn.endswith("lm_head"), mx_scaling: str = "floor") -> list[str]:
+    """Swap ``model``'s linear layers (and GPT-2's ``Conv1D``) for ``FP4InferenceLinear`` in place; returns their names.
+
+    ``include(fqn)`` picks the layers (default: every one but the output layer, which GPT-2 ties to
+    the embedding; embeddings and norms are not linear layers and stay as they are). A layer whose
+    input size is not a multiple of the block is refused, not silently left out.
+    """
+    from .fp8 import swap_linears
+
+    if kind not in INFERENCE_KINDS:
+        raise ValueError(f"kind must be one of {INFERENCE_KINDS}, got {kind!r}")
+    block = NVFP4_BLOCK if kind == "nvfp4" else MXFP4_BLOCK
+
+    def make(linear):
+        if linear.in_features % block:
+            raise ValueError(f"{kind} needs input sizes that are multiples of {block}; a layer has {linear.in_features}")
+        return FP4InferenceLinear(linear, kind, activations, mx_scaling)
+
+    return swap_linears(model, make, skip=lambda linear, fqn: not include(fqn))
