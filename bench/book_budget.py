@@ -2,7 +2,7 @@
 
 Cold means a fresh jupyter cache (``BOOK_JUPYTER_CACHE``) and a fresh mixprec cache (``MIXPREC_CACHE``:
 no tokenizer or trained storyteller on disk), so every chapter executes, as on a fresh CI machine. As the
-test command does, ``python -m mixprec.cache warm`` first trains the storyteller that seven chapters share
+test command does, ``python -m mixprec.story.warm`` first trains the storyteller that seven chapters share
 (timed on its own line); every other model and ``story.compare`` run is made by the chapter that needs
 it. The times are myst-nb's own (jupyter-cache records each notebook's execution seconds); the total is the build's wall time, execution plus Sphinx. With
 ``--cells N`` it also prints each chapter's N slowest cells (nbclient's per-cell timing, switched on
@@ -122,14 +122,14 @@ def main(argv: list[str] | None = None) -> int:
            "BOOK_TIMEOUT_SCALE": str(args.timeout_scale)}
     env.pop("BOOK_EXECUTE", None)  # cache mode: the executions are recorded in the (empty) cache
     load_before = os.getloadavg()[0]
-    # the storyteller seven chapters share, built first as the test command builds it (python -m mixprec.cache warm)
+    # the storyteller seven chapters share, built first as the test command builds it (python -m mixprec.story.warm)
     start = time.perf_counter()
     # one thread, as the test command trains it: the weights depend on the thread count, the chapters' assertions were measured on this one
-    warm = subprocess.run([sys.executable, "-m", "mixprec.cache", "warm"], env={**env, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"},
+    warm = subprocess.run([sys.executable, "-m", "mixprec.story.warm"], env={**env, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"},
                           cwd=ROOT, capture_output=True, text=True)
     warm_s = time.perf_counter() - start
     if warm.returncode != 0:
-        sys.exit("python -m mixprec.cache warm failed:\n" + (warm.stdout + warm.stderr)[-4000:])
+        sys.exit("python -m mixprec.story.warm failed:\n" + (warm.stdout + warm.stderr)[-4000:])
     start = time.perf_counter()
     cmd = [sys.executable, "-c", _JB_WITH_TIMING] if args.cells else [jb]
     res = subprocess.run([*cmd, "build", str(ROOT), "--all", "--path-output", str(out)], env=env, cwd=ROOT,
@@ -145,7 +145,7 @@ def main(argv: list[str] | None = None) -> int:
           f"Python {platform.python_version()}, MIXPREC_PROFILE={os.environ.get('MIXPREC_PROFILE', '(default)')}")
     # other work on the machine stretches every figure: the load average says how much there was
     print(f"load average (1 min): {load_before:.1f} at the start, {os.getloadavg()[0]:.1f} at the end, on {os.cpu_count()} cores")
-    print(f"{'shared storyteller':24s} {warm_s:8.1f}  (python -m mixprec.cache warm, before the build)")
+    print(f"{'shared storyteller':24s} {warm_s:8.1f}  (python -m mixprec.story.warm, before the build)")
     print(f"{'chapter':24s} {'seconds':>8s}")
     for name, seconds in times.items():
         flag = "" if seconds <= CHAPTER_LIMIT_S else f"  over the {CHAPTER_LIMIT_S} s target"

@@ -1,6 +1,6 @@
 """Shared fixtures: the book is built once per test session, for the book tests and the browser tests.
 
-Before the build, ``python -m mixprec.cache warm`` trains the storyteller the chapters share.
+Before the build, ``python -m mixprec.story.warm`` trains the storyteller the chapters share.
 When the session also runs the Colab test, its notebooks start running in a fresh virtual
 environment in the background just before the book build, each process on one core, so that the
 two long jobs overlap instead of adding up.
@@ -58,10 +58,10 @@ def build_log(request):
     # chapters run here: the weights depend on the thread count (summation order), and the chapters'
     # assertions were measured on the one-thread model.
     (ROOT / "_build").mkdir(exist_ok=True)
-    warm = subprocess.run([sys.executable, "-m", "mixprec.cache", "warm"], cwd=ROOT, capture_output=True, text=True,
+    warm = subprocess.run([sys.executable, "-m", "mixprec.story.warm"], cwd=ROOT, capture_output=True, text=True,
                           env=_one_core_env())
     (ROOT / "_build" / "warm.log").write_text(warm.stdout + warm.stderr)
-    assert warm.returncode == 0, "python -m mixprec.cache warm failed:\n" + (warm.stdout + warm.stderr)[-4000:]
+    assert warm.returncode == 0, "python -m mixprec.story.warm failed:\n" + (warm.stdout + warm.stderr)[-4000:]
     if parallel:
         start_colab_run()
     cmd = [jb, "build", str(ROOT), "--all", "-W", "-n", "--keep-going"]  # --all: no stale pages

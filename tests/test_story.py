@@ -460,13 +460,12 @@ def test_compare_runs_are_cached_and_come_back_alike(tmp_path, monkeypatch, data
 
 
 def test_cache_warm_builds_the_storyteller_the_chapters_share(monkeypatch, tmp_path, capsys):
-    """`python -m mixprec.cache warm` asks for the very model the chapters ask for: story.storyteller("tiny") with defaults."""
-    import mixprec.story
-    from mixprec import cache
+    """`python -m mixprec.story.warm` asks for the very model the chapters ask for: story.storyteller("tiny") with defaults."""
+    from mixprec.story import warm
 
     calls = []
     monkeypatch.setenv("MIXPREC_CACHE", str(tmp_path))
-    monkeypatch.setattr(mixprec.story, "storyteller", lambda *args, **kwargs: calls.append((args, kwargs)))
-    assert cache.main(["warm"]) == 0
+    monkeypatch.setattr(warm, "storyteller", lambda *args, **kwargs: calls.append((args, kwargs)))
+    assert warm.main() == 0
     assert calls == [(("tiny",), {"progress": False})]  # progress is not part of the key: story.storyteller("tiny") hits it
     assert "storyteller" in capsys.readouterr().out

@@ -330,11 +330,10 @@ def _size(path: Path) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m mixprec.cache", description="List, verify, warm or clear mixprec's cache of trained artifacts.")
+    parser = argparse.ArgumentParser(prog="python -m mixprec.cache", description="List, verify or clear mixprec's cache of trained artifacts.")
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("list", help="each entry: name, size, what produced it")
     sub.add_parser("verify", help="check every entry against its manifest; exit 1 if any is damaged")
-    sub.add_parser("warm", help="build (or load) what the book's chapters share: the trained tiny storyteller; prints the seconds")
     clear = sub.add_parser("clear", help="delete entries (all, or one kind) and leftover temporary directories")
     clear.add_argument("--kind", help="only entries of this kind, e.g. storyteller or tokenizer")
     args = parser.parse_args(argv)
@@ -352,15 +351,6 @@ def main(argv: list[str] | None = None) -> int:
             except (OSError, ValueError, KeyError, TypeError):
                 note = "no valid manifest"
             print(f"{entry.name}\t{_size(entry) / 1e6:.1f} MB\t{note}")
-        return 0
-    if args.command == "warm":
-        # Seven chapters read the same trained storyteller (one cache key). The test command and
-        # bench/book_budget.py build it before the book, so no chapter's time includes a model they all share.
-        from .story import storyteller
-
-        start = time.perf_counter()
-        storyteller("tiny", progress=False)
-        print(f"warm: the tiny storyteller is in {root} ({time.perf_counter() - start:.1f} s)")
         return 0
     if args.command == "verify":
         bad = 0
