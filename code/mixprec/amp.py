@@ -60,7 +60,7 @@ from torch.utils._pytree import tree_leaves, tree_map
 from .emulate import EmulatedAutocast, RoundAllOps, held_in
 from .formats import FloatFormat, get_format, round_to_format
 from .fp4 import INFERENCE_KINDS as FP4_INFERENCE_KINDS
-from .fp4 import FP4Recipe, convert_to_fp4, quantize_for_inference
+from .fp4 import Float4Cast, FP4Recipe, convert_to_fp4, quantize_for_inference
 from .fp8 import RECIPES, convert_to_fp8, quantize_tensorwise
 from .optim import BF16AdamW
 from .scaling import NoLossScaler
@@ -299,7 +299,7 @@ class Policy:
         low = torch.finfo(self.param_dtype).bits / 8
         if self.inference_only:  # no gradients, no optimizer; fp8-weight's and *fp4-*'s values, were they stored natively
             if self.weights_fp4:  # the quantized matrices: 4 bits a value plus an 8-bit scale per 16 (NVFP4) or 32 (MXFP4)
-                low = (4 + 8 / (16 if self.weights_fp4 == "nvfp4" else 32)) / 8
+                low = (4 + 8 / Float4Cast(self.weights_fp4).k_multiple) / 8
             return {"weights": 1 if self.weights_fp8 else low, "grads": 0, "optimizer": 0, "autocast_cache": 0}
         if self.master_weights:
             # grads_to_master converts one gradient at a time and frees the low-precision one: the

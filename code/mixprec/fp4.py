@@ -320,13 +320,6 @@ def convert_to_fp4(model: torch.nn.Module, recipe: FP4Recipe | str = "nvfp4") ->
 INFERENCE_KINDS = ("nvfp4", "mxfp4")
 
 
-def quantize_fp4(x: torch.Tensor, kind: str, mx_scaling: str = "floor") -> FP4Tensor:
-    """``x`` in NVFP4 (16-value blocks along the last dimension, E4M3 block scales, FP32 tensor scale) or MXFP4 (scales by ``mx_scaling``)."""
-    if kind not in INFERENCE_KINDS:
-        raise ValueError(f"kind must be one of {INFERENCE_KINDS}, got {kind!r}")
-    return quantize_nvfp4(x) if kind == "nvfp4" else quantize_mxfp4(x, mx_scaling)
-
-
 class FP4InferenceLinear(torch.nn.Module):
     """A linear layer for inference whose weight is stored in FP4; with ``activations``, its input is quantized too.
 
@@ -338,15 +331,16 @@ class FP4InferenceLinear(torch.nn.Module):
 
     def __init__(self, linear: torch.nn.Linear, kind: str, activations: bool = False, mx_scaling: str = "floor"):
         super().__init__()
-        self.kind, self.activations, self.mx_scaling = kind, activations, mx_scaling
+        self.kind, self.activations = kind, activations
+        self.cast = Float4Cast(kind, scaling=mx_scaling)  # the training layers' operand cast, round to nearest
         self.in_features, self.out_features = linear.in_features, linear.out_features
-        weight = quantize_fp4(linear.weight, kind, mx_scaling).dequantize().to(linear.weight.dtype)
+        weight = self.cast.cast(linear.weight, -1).to(linear.weight.dtype)
         self.weight = torch.nn.Parameter(weight, requires_grad=False)
         self.bias = linear.bias
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.activations:
-            x = quantize_fp4(x, self.kind, self.mx_scaling).dequantize().to(x.dtype)
+            x = self.cast.cast(x, -1).to(x.dtype)
         return torch.nn.functional.linear(x, self.weight.to(x.dtype), None if self.bias is None else self.bias.to(x.dtype))
 
     def extra_repr(self) -> str:
@@ -366,7 +360,7 @@ def quantize_for_inference(model: torch.nn.Module, kind: str = "nvfp4", activati
 
     if kind not in INFERENCE_KINDS:
         raise ValueError(f"kind must be one of {INFERENCE_KINDS}, got {kind!r}")
-    block = NVFP4_BLOCK if kind == "nvfp4" else MXFP4_BLOCK
+    block = Float4Cast(kind).k_multiple
 
     def make(linear):
         if linear.in_features % block:
