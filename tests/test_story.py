@@ -1,3 +1,4 @@
+import importlib
 import json
 import math
 import re
@@ -457,6 +458,77 @@ def test_compare_runs_are_cached_and_come_back_alike(tmp_path, monkeypatch, data
     compare({"hooked": {"precision": "fp32", "after_backward": lambda step, model: calls.append(step)}}, data, len(tokenizer),
             tokenizer.eos_token_id, **common)
     assert len(calls) == 4  # not keyable: trained both times
+
+
+def test_compare_keys_a_run_however_it_is_asked_for(tmp_path, monkeypatch, data, tokenizer):
+    """The same run, with a default spelt out (lr, device) or left out, is one cache entry and is trained once."""
+    from mixprec import cache as mcache
+    train_module = importlib.import_module("mixprec.story.train")  # the module, not the function story.train
+
+    monkeypatch.setenv("MIXPREC_CACHE", str(tmp_path))
+    common = {"steps": 2, "batch_size": 2, "block_size": 16, "eval_batches": 1, "progress": False}
+    implicit = compare({"fp32": "fp32"}, data, len(tokenizer), tokenizer.eos_token_id, **common)
+    monkeypatch.setattr(train_module, "train", lambda *args, **kwargs: pytest.fail("trained again"))
+    explicit = compare({"fp32": "fp32"}, data, len(tokenizer), tokenizer.eos_token_id, lr=1e-2, device="cpu", **common)
+    assert explicit["fp32"].as_dict() == implicit["fp32"].as_dict()
+    assert len([e for e in mcache.entries() if e.name.startswith("compare-")]) == 1
+
+
+def test_record_zero_grads_counts_what_a_hook_counts_and_is_cached(tmp_path, monkeypatch, data, tokenizer):
+    """record_zero_grads records, per step, the fraction a hand-written after_backward hook measures; unlike
+    the hook, it can be keyed, so compare caches the run (chapter 2 reads it from there)."""
+    from mixprec import cache as mcache
+
+    monkeypatch.setenv("MIXPREC_CACHE", str(tmp_path))
+    common = {"steps": 3, "batch_size": 2, "block_size": 16, "eval_batches": 1, "progress": False}
+    by_hook = []
+
+    def hook(step, model):
+        g = torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None])
+        by_hook.append((g == 0).float().mean().item())
+
+    model = build_model("tiny", len(tokenizer), seed=0, eos_token_id=tokenizer.eos_token_id)
+    history = train(model, data, precision="fp16-amp", scaler=False, after_backward=hook, record_zero_grads=True, **common)
+    assert len(history.zero_grad_fraction) == 3 and history.zero_grad_fraction == pytest.approx(by_hook, abs=1e-7)
+    assert all(0 < f < 1 for f in by_hook)  # some gradients are exactly 0 (e.g. embeddings of unseen tokens), not all
+    setups = {"fp16": {"precision": "fp16-amp", "scaler": False}}
+    first = compare(setups, data, len(tokenizer), tokenizer.eos_token_id, record_zero_grads=True, **common)
+    second = compare(setups, data, len(tokenizer), tokenizer.eos_token_id, record_zero_grads=True, **common)
+    assert first["fp16"].zero_grad_fraction == second["fp16"].zero_grad_fraction == history.zero_grad_fraction
+    assert len([e for e in mcache.entries() if e.name.startswith("compare-")]) == 1
+
+
+def test_compare_trains_first_the_runs_no_other_process_is_training(tmp_path, monkeypatch, data, tokenizer):
+    """Two processes that need the same runs split them: while another process holds run a's lock, compare
+    trains b first, then waits for a (here the lock frees at once, so it trains a itself)."""
+    import contextlib
+
+    from mixprec import cache as mcache
+    train_module = importlib.import_module("mixprec.story.train")  # the module, not the function story.train
+
+    monkeypatch.setenv("MIXPREC_CACHE", str(tmp_path))
+    real_lock, real_train = mcache._lock, train_module.train
+    busy, order = ["a"], []
+
+    @contextlib.contextmanager
+    def lock(path, wait=True):
+        if not wait and busy:  # the first run asked for without waiting: another process is training it
+            busy.pop()
+            yield False
+            return
+        with real_lock(path, wait) as held:
+            yield held
+
+    def train(model, data, **options):
+        order.append(options["lr"])
+        return real_train(model, data, **options)
+
+    monkeypatch.setattr(mcache, "_lock", lock)
+    monkeypatch.setattr(train_module, "train", train)
+    common = {"steps": 1, "batch_size": 2, "block_size": 16, "eval_batches": 1, "progress": False}
+    runs = compare({"a": {"precision": "fp32", "lr": 1e-3}, "b": {"precision": "fp32", "lr": 2e-3}}, data, len(tokenizer),
+                   tokenizer.eos_token_id, **common)
+    assert order == [2e-3, 1e-3] and list(runs) == ["a", "b"]
 
 
 def test_cache_warm_builds_the_storyteller_the_chapters_share(monkeypatch, tmp_path, capsys):

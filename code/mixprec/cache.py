@@ -270,11 +270,15 @@ def _remove(path: Path) -> None:
         shutil.rmtree(trash, ignore_errors=True)
 
 
-def cached(kind: str, config: dict, build: Callable[[Path], T], load: Callable[[Path], T]) -> T:
+BUSY = object()  # what ``cached(..., wait=False)`` returns while another process builds the entry
+
+
+def cached(kind: str, config: dict, build: Callable[[Path], T], load: Callable[[Path], T], wait: bool = True) -> T:
     """``load(entry)`` if a verified entry for ``kind`` and ``config`` exists, else ``build(tmp)`` and publish it.
 
     ``build`` writes its files into the empty directory it is given and returns the artifact;
-    ``load`` reads an entry back. See the module docstring for the protocol.
+    ``load`` reads an entry back. See the module docstring for the protocol. ``wait=False``: if
+    another process holds the key's lock (it is building the entry), return ``BUSY`` at once.
     """
     key = key_config(kind, **config)  # now: building may change an option object (a scaler's state)
     path = cache_key(kind, **config)
@@ -285,8 +289,8 @@ def cached(kind: str, config: dict, build: Callable[[Path], T], load: Callable[[
         _say(f"the cache {str(path.parent)!r} cannot be written (read-only or no permission); building {path.name} without caching it")
         with tempfile.TemporaryDirectory(prefix=f"mixprec-{kind}-") as tmp:
             return build(Path(tmp))
-    with _lock(path):
-        return _fill(path, kind, key, build, load)
+    with _lock(path, wait=wait) as held:
+        return _fill(path, kind, key, build, load) if held else BUSY
 
 
 def _fill(path: Path, kind: str, key: dict, build: Callable[[Path], T], load: Callable[[Path], T]) -> T:

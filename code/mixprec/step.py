@@ -102,6 +102,7 @@ class TrainHistory:
     val_step: list[int] = field(default_factory=list)
     val_loss: list[float] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
+    zero_grad_fraction: list[float] = field(default_factory=list)  # per step, where recorded: gradient values exactly 0 before unscaling
 
     def append(self, result: StepResult, step_time: float = float("nan"), peak_memory: int | None = None,
                mfu: float | None = None) -> None:

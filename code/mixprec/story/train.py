@@ -6,6 +6,7 @@ file only feeds batches, times steps and evaluates.
 
 from __future__ import annotations
 
+import inspect
 import math
 import time
 from collections.abc import Callable
@@ -97,6 +98,7 @@ def train(
     compile: bool = False,
     progress: bool = True,
     after_backward: Callable[[int, torch.nn.Module], None] | None = None,
+    record_zero_grads: bool = False,
 ) -> TrainHistory:
     """Train ``model`` in place on ``data`` under a precision policy; returns the ``TrainHistory``.
 
@@ -111,6 +113,8 @@ def train(
     eval_every: evaluate on the validation windows every this many steps (and always at the end).
     after_backward: called as ``after_backward(step, model)`` between backward and unscaling; a hook
         for experiments, e.g. planting an inf in a gradient.
+    record_zero_grads: record in ``history.zero_grad_fraction`` the fraction of parameter-gradient
+        values that are exactly 0 after each backward pass, before unscaling (what underflow flushed).
     """
     policy = get_policy(precision)
     if steps < 1 or batch_size < 1 or block_size < 2:
@@ -137,7 +141,7 @@ def train(
             torch.cuda.synchronize(device)
             torch.cuda.reset_peak_memory_stats(device)
         start = time.perf_counter()
-        hook = (lambda m, step=step: after_backward(step, m)) if after_backward else None
+        hook = _after_backward_hook(step, history, after_backward, record_zero_grads)
         result = train_step(setup, x, y, after_backward=hook)
         if device.type == "cuda":
             torch.cuda.synchronize(device)
@@ -153,6 +157,25 @@ def train(
     if bar is not None:
         bar.close()
     return history
+
+
+_TRAIN_DEFAULTS = {name: p.default for name, p in inspect.signature(train).parameters.items() if p.default is not inspect.Parameter.empty}
+
+
+def _after_backward_hook(step: int, history: TrainHistory, after_backward, record_zero_grads: bool):
+    """What ``train_step`` calls between backward and unscaling: the zero-gradient count, then the user's hook."""
+    if not (after_backward or record_zero_grads):
+        return None
+
+    def hook(model):
+        if record_zero_grads:
+            grads = [p.grad for p in model.parameters() if p.grad is not None]
+            zeros = sum(int((g == 0).sum()) for g in grads)
+            history.zero_grad_fraction.append(zeros / max(1, sum(g.numel() for g in grads)))
+        if after_backward:
+            after_backward(step, model)
+
+    return hook
 
 
 def _progress(total: int, label: str):
@@ -189,22 +212,35 @@ def compare(setups: dict[str, str | dict], data: TokenData, vocab_size: int, eos
 
     A run is a pure function of its settings, the data and the library, so each is cached on disk
     (``mixprec.cache``) like the storyteller: a chapter and its Colab notebook, or two chapters that
-    train the same baseline, train it once. A run with a setting that cannot be keyed (a callable
-    ``after_backward``) is not cached, nor a kept model whose policy changes its structure or dtypes
-    (FP8 layers, low-precision weights).
+    train the same baseline, train it once; two processes that need the same runs at the same time
+    split them. Not cached: a run with a setting that cannot be keyed (a callable ``after_backward``;
+    ``record_zero_grads`` can be), or a kept model whose policy changes its structure or dtypes (FP8
+    layers, low-precision weights).
     """
     if not isinstance(setups, dict) or not setups:
         raise ValueError("setups must be a non-empty dict {label: policy name or dict of train options}")
-    histories = {}
-    for name, setup in setups.items():
-        options = {"seed": seed, **train_options, **({"precision": setup} if isinstance(setup, str) else dict(setup))}
-        histories[name], model = _one_run(size, vocab_size, eos_token_id, seed, data, options, keep_model=models is not None)
-        if models is not None:
-            models[name] = model
-    return histories
+    from ..cache import BUSY
+
+    options = {name: {"seed": seed, **train_options, **({"precision": setup} if isinstance(setup, str) else dict(setup))}
+               for name, setup in setups.items()}
+    done = {}
+    # Two processes that need the same runs (a chapter and its Colab notebook, built side by side) share
+    # them: each first trains the runs no other process is training, then waits for the others' results.
+    for wait in (False, True):
+        for name in setups:
+            if name not in done:
+                result = _one_run(size, vocab_size, eos_token_id, seed, data, options[name], keep_model=models is not None, wait=wait)
+                if result is not BUSY:
+                    done[name] = result
+    if models is not None:
+        models.update({name: done[name][1] for name in setups})
+    return {name: done[name][0] for name in setups}
 
 
-def _one_run(size: str, vocab_size: int, eos_token_id: int, seed: int, data: TokenData, options: dict, keep_model: bool):
+def _one_run(size: str, vocab_size: int, eos_token_id: int, seed: int, data: TokenData, options: dict, keep_model: bool,
+             wait: bool = True):
+    """One ``compare`` run: (history, model or None), from the cache where it can be keyed; ``BUSY`` if
+    ``wait`` is False and another process is training it now."""
     from ..cache import CacheKeyError, cached, key_value, write_json
     from .model import build_model
 
@@ -217,8 +253,11 @@ def _one_run(size: str, vocab_size: int, eos_token_id: int, seed: int, data: Tok
 
     policy = get_policy(options.get("precision", "fp32"))
     plain = policy.fp8 is None and policy.fp4 is None and policy.param_dtype == torch.float32 and not policy.master_weights
+    # Keyed with train()'s defaults filled in and the device resolved, so that the same run asked for in
+    # other words (lr=1e-2 spelt out or left to the default) is trained once; how progress is shown changes nothing.
+    keyed = {**_TRAIN_DEFAULTS, **options, "device": str(torch.device(options.get("device") or hw.default_device()))}
     config = {"size": size, "vocab_size": vocab_size, "eos_token_id": eos_token_id, "init_seed": seed, "data": data.fingerprint(),
-              "options": {k: v for k, v in options.items() if k != "progress"}}  # how progress is shown changes nothing trained
+              "options": {k: v for k, v in keyed.items() if k != "progress"}}
     try:
         key_value(config, "compare")
     except CacheKeyError:
@@ -244,4 +283,4 @@ def _one_run(size: str, vocab_size: int, eos_token_id: int, seed: int, data: Tok
         model.train(json.loads((directory / "mode.json").read_text())["training"])  # as train() left it
         return history, model.to(options.get("device") or hw.default_device())
 
-    return cached("compare", config, build, load)
+    return cached("compare", config, build, load, wait=wait)
