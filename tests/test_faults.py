@@ -302,6 +302,9 @@ MISUSE = {
     "unscale-after-step": (lambda s, o: (s.step(o), s.unscale_(o)), RuntimeError, "after step"),
     "update-without-step": (lambda s, o: s.update(), AssertionError, "No inf checks were recorded"),
     "update-twice": (lambda s, o: (s.step(o), s.update(), s.update()), AssertionError, "No inf checks were recorded"),
+    "step-without-gradients": (lambda s, o: (o.zero_grad(), s.step(o)), AssertionError, "No inf checks were recorded for this optimizer"),
+    "update-after-unscale-without-gradients": (lambda s, o: (o.zero_grad(), s.unscale_(o), s.update()), AssertionError,
+                                               "No inf checks were recorded prior to update"),
     "closure": (lambda s, o: s.step(o, closure=lambda: 0.0), RuntimeError, "Closure"),
     "scale-float": (lambda s, o: s.scale(1.0), ValueError, "outputs must be a Tensor"),
     "scale-dict": (lambda s, o: s.scale({"loss": torch.tensor(1.0)}), ValueError, "outputs must be a Tensor"),
@@ -321,7 +324,7 @@ def test_scaler_misuse_raises_what_gradscaler_raises(name, misuse):
     before = scaler.get_scale()
     with pytest.raises(error, match=message):
         call(scaler, optimizer)
-    if misuse in ("step-twice", "update-without-step"):
+    if misuse in ("step-twice", "update-without-step", "step-without-gradients", "update-after-unscale-without-gradients"):
         assert scaler.get_scale() == before
     if misuse == "step-twice":
         assert torch.allclose(model.weight, _one_step_setup()[0].weight - 0.1 * 2.0)  # stepped once (grad 1 / scale 0.5)
@@ -1436,21 +1439,27 @@ console.log(JSON.stringify([-8, -1, 0, 1, 32, 33].map(k => MixprecScale.zones(da
     assert got[5] is None  # beyond the slider: nothing, rather than a guess
 
 
-@pytest.mark.parametrize("use_torch_scaler", [False, True])
-def test_a_second_scaler_step_after_train_step_is_refused_at_once(use_torch_scaler):
-    """U9: scaler.step(opt) again after train_step fails there, as GradScaler does, not one step later."""
+@pytest.mark.parametrize("name", ["ours-dynamic", "ours-static", "GradScaler"])
+def test_a_second_scaler_step_after_train_step_is_refused_at_once(name):
+    """U9: scaler.step(opt) again after train_step (which leaves no gradients) fails there, as GradScaler does, and changes nothing."""
     from mixprec.amp import get_policy
     from mixprec.step import train_step
 
     torch.manual_seed(0)
     model = torch.nn.Linear(4, 1)
-    setup = get_policy("fp16-amp").setup(model, lr=0.1, loss_fn=lambda out, t: (out - t).pow(2).mean())
-    if use_torch_scaler:
-        setup.scaler = torch.amp.GradScaler("cpu")
+    scaler = _scalers()[name]
+    setup = get_policy("fp16-amp").setup(model, lr=0.1, loss_fn=lambda out, t: (out - t).pow(2).mean(), scaler=scaler)
+    assert setup.scaler is scaler  # not the policy's default GradScaler
     x, y = torch.randn(3, 4), torch.randn(3, 1)
     train_step(setup, x, y)
-    with pytest.raises(AssertionError, match="No inf checks were recorded for this optimizer"):
+    assert all(p.grad is None for p in model.parameters())
+    weights, scale = [p.detach().clone() for p in model.parameters()], setup.scaler.get_scale()
+    with pytest.raises(AssertionError, match="^No inf checks were recorded for this optimizer"):
         setup.scaler.step(setup.optimizer)
+    assert all(torch.equal(p, w) for p, w in zip(model.parameters(), weights)) and setup.scaler.get_scale() == scale
+    with pytest.raises(AssertionError, match="^No inf checks were recorded prior to update"):
+        setup.scaler.update()  # the refused step recorded nothing, in GradScaler as here
+    assert setup.scaler.get_scale() == scale
 
 
 @pytest.mark.parametrize("fmt", ["fp16", "bf16", "e4m3fn", "e5m2"])

@@ -45,10 +45,13 @@ def test_min_scale_and_bad_arguments():
     for _ in range(5):
         scaler._update_scale(True)
     assert scaler.get_scale() == 1.0
-    optimizer = torch.optim.SGD(torch.nn.Linear(2, 2).parameters(), lr=0.1)
-    scaler.unscale_(optimizer)
-    with pytest.raises(RuntimeError, match="already been called"):
-        scaler.unscale_(optimizer)
+    for s in (scaler, torch.amp.GradScaler("cpu")):  # the protocol as GradScaler's, on an optimizer with gradients
+        model = torch.nn.Linear(2, 2)
+        s.scale(model(torch.ones(1, 2)).sum()).backward()
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+        s.unscale_(optimizer)
+        with pytest.raises(RuntimeError, match="already been called"):
+            s.unscale_(optimizer)
     for bad in (dict(init_scale=0.0), dict(growth_factor=1.0), dict(backoff_factor=1.0), dict(growth_interval=0), dict(min_scale=1e9)):
         with pytest.raises(ValueError):
             DynamicLossScaler(**bad)

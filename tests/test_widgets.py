@@ -52,25 +52,39 @@ console.log(JSON.stringify(out));
 
 
 @pytest.mark.skipif(shutil.which("node") is None, reason="node is not installed")
-def test_scale_explorer_zones_match_python(tmp_path):
-    from mixprec.formats import zone_fractions
-    from mixprec.widgets import LossScaleExplorer, scale_explorer_script, scale_histogram
+@pytest.mark.parametrize("fmt", ["fp16", "bf16"])
+def test_scale_explorer_zones_match_python(tmp_path, fmt):
+    """The page's zone table is zone_fractions exactly at every slider scale, values on a zone's edge included (S19)."""
+    from mixprec.formats import zone_edges, zone_fractions
+    from mixprec.widgets import SLIDER_LOG2, LossScaleExplorer, scale_explorer_script, scale_histogram
 
     # one value inside each binade from 2**-40 to 2**20, and some zeros
-    values = torch.cat([torch.exp2(torch.arange(-40, 21).float() + 0.1), torch.zeros(5), -torch.exp2(torch.arange(-30, 0).float() + 0.6)])
-    data = scale_histogram(values)
+    inside = torch.cat([torch.exp2(torch.arange(-40, 21).double() + 0.1), torch.zeros(5, dtype=torch.float64),
+                        -torch.exp2(torch.arange(-30, 0).double() + 0.6)])
+    # values on the edges (2**-25 ties to 0, 65520 overflows in FP16) and next to them, each moved onto the edge at several scales
+    edge = torch.tensor([2.0**-25, 2.0**-24, 65504.0, 65520.0, 2.0**-14, 2.0**-14 - 2.0**-26, 3 * 2.0**-26, 65519.0,
+                         *[2.0**e for e in zone_edges(fmt).values()]], dtype=torch.float64)
+    edge = torch.cat([edge, torch.nextafter(edge, torch.zeros_like(edge)), torch.nextafter(edge, torch.full_like(edge, math.inf))])
+    on_edges = torch.cat([edge * 2.0**-k for k in (-8, -1, 0, 1, 3, 8, 16, 24, 32)])
+    scales = list(range(SLIDER_LOG2[0], SLIDER_LOG2[1] + 1))
     script = tmp_path / "zones.js"
-    script.write_text(scale_explorer_script() + """
+    script.write_text(scale_explorer_script() + f"""
 const data = JSON.parse(require('fs').readFileSync(process.argv[2], 'utf8'));
-console.log(JSON.stringify([-4, 0, 8, 16, 24].map(k => MixprecScale.zones(data, k))));
+console.log(JSON.stringify({scales}.map(k => MixprecScale.zones(data, k))));
 """)
-    payload = tmp_path / "data.json"
-    payload.write_text(json.dumps(data))
-    res = subprocess.run(["node", str(script), str(payload)], capture_output=True, text=True, check=True)
-    for k, got in zip([-4, 0, 8, 16, 24], json.loads(res.stdout)):
-        want = zone_fractions(values, 2.0**k)
-        assert got == pytest.approx(want, abs=1e-12), k
-    page = LossScaleExplorer(values)._repr_html_()
+    for values in (inside, edge, on_edges, torch.cat([inside, on_edges])):
+        payload = tmp_path / "data.json"
+        payload.write_text(json.dumps(scale_histogram(values, fmt)))
+        res = subprocess.run(["node", str(script), str(payload)], capture_output=True, text=True, check=True)
+        for k, got in zip(scales, json.loads(res.stdout), strict=True):
+            assert got == zone_fractions(values, 2.0**k, fmt), (fmt, k)  # equal, not approximately
+    if fmt == "fp16":
+        five = torch.tensor([2.0**-25, 2.0**-24, 65504.0, 65520.0, 2.0**-14], dtype=torch.float64)
+        payload.write_text(json.dumps(scale_histogram(five)))
+        res = subprocess.run(["node", str(script), str(payload)], capture_output=True, text=True, check=True)
+        at_one = json.loads(res.stdout)[scales.index(0)]
+        assert at_one == {"zero": 0.0, "flushed": 0.2, "subnormal": 0.2, "normal": 0.4, "overflow": 0.2}  # the review's example
+    page = LossScaleExplorer(inside)._repr_html_()
     assert "MixprecScale.mount" in page and "https://" not in page
 
 

@@ -90,7 +90,8 @@ class StaticLossScaler:
 
     Misuse is refused as ``torch.amp.GradScaler`` refuses it: unscaling FP16 gradients
     (``ValueError``), ``unscale_()`` twice or after ``step()``, ``step()`` twice before ``update()``
-    (``RuntimeError``), ``update()`` with no step or unscale since the last one (``ScalerStateError``).
+    (``RuntimeError``), ``step()`` of an optimizer none of whose parameters has a gradient, or ``update()``
+    with no step or unscale of an optimizer with gradients since the last one (``ScalerStateError``).
     """
 
     def __init__(self, scale: float = 2.0**16):
@@ -133,9 +134,9 @@ class StaticLossScaler:
             raise RuntimeError("step() has already been called since the last update().")
         if id(optimizer) not in self._unscaled:
             self.unscale_(optimizer)
-        if self._unscaled[id(optimizer)] is None:  # GradScaler asserts the same (a step after train_step, or before backward)
-            raise ScalerStateError("No inf checks were recorded for this optimizer: it has no gradients. "
-                                   "Call step() once per backward() of the scaled loss.")
+        if self._unscaled[id(optimizer)] is None:  # GradScaler: "No inf checks were recorded for this optimizer."
+            raise ScalerStateError("No inf checks were recorded for this optimizer: step() was called while none of its "
+                                   "parameters has a gradient (a second step() after train_step or zero_grad(), or a step() before backward()).")
         self._stepped.add(id(optimizer))
         if self._unscaled[id(optimizer)]:
             return None
@@ -143,8 +144,9 @@ class StaticLossScaler:
 
     def update(self) -> None:
         """End the step: adjust the scale (if dynamic) from whether any optimizer found inf/NaN."""
-        if not self._unscaled:
-            raise ScalerStateError("No inf checks were recorded prior to update(): call step(optimizer) (or unscale_) first.")
+        if all(found is None for found in self._unscaled.values()):  # GradScaler: "No inf checks were recorded prior to update."
+            raise ScalerStateError("No inf checks were recorded prior to update(): no optimizer with gradients was stepped "
+                                   "or unscaled since the last update().")
         found_inf = any(self._unscaled.values())
         self._unscaled.clear()
         self._stepped.clear()
