@@ -1,5 +1,6 @@
 """mixprec.debug (the non-finite tracer, tensor statistics, the monitor) and mixprec.clinic."""
 
+import json
 import math
 
 import pytest
@@ -181,8 +182,9 @@ class _Stop(Exception):
 
 
 @pytest.mark.parametrize("case", list(clinic.CASES))
-def test_the_fifteen_line_finder_stops_at_the_tracers_first_op(case, monkeypatch):
+def test_the_fifteen_line_finder_stops_at_the_tracers_first_op(case, monkeypatch, tmp_path):
     """The chapter shows ``FindFirstNonFinite``; on every clinic case it stops at the op ``trace_nonfinite`` names."""
+    monkeypatch.setenv("MIXPREC_CACHE", str(tmp_path))  # the run must train here (a cached run would not call the tracer)
     start = {"naive_softmax": 60}.get(case, 0)  # its first inf comes at step 64: skip the tracing before (cost only)
     seen = {"calls": 0}
 
@@ -205,3 +207,24 @@ def test_the_fifteen_line_finder_stops_at_the_tracers_first_op(case, monkeypatch
     found, raised = seen["pair"]
     assert raised.op == found.op, f"{case}: the minimal finder stops at {raised.op}, the tracer names {found.op}"
     assert raised.phase.startswith("前向") == (found.phase == "forward")
+
+
+def test_run_case_is_cached_and_read_back_whole(monkeypatch, tmp_path):
+    """A clinic run is cached like a compare run: read back equal (its NonFinite too); the reader's norm_fn is never cached."""
+    monkeypatch.setenv("MIXPREC_CACHE", str(tmp_path))
+    first = clinic.run_case("layernorm_eps", fixed=False, steps=3)
+    assert first.first_failure is not None
+    trained = []
+    real = clinic._train_case
+    monkeypatch.setattr(clinic, "_train_case", lambda **kw: trained.append(kw) or real(**kw))
+    again = clinic.run_case("layernorm_eps", fixed=False, steps=3)
+    assert not trained, "a cached run was trained again"
+    assert json.dumps(again.as_dict()) == json.dumps(first.as_dict())
+    assert isinstance(again.first_failure, debug.NonFinite) and again.first_failure == first.first_failure
+    clinic.run_case("layernorm_eps", fixed=False, steps=4)
+    assert len(trained) == 1, "another setting is another run"
+    runs = clinic.run_cases({"a": dict(case="layernorm_eps", fixed=False), "b": dict(case="custom_op", fixed=False)}, steps=3)
+    assert [r.case for r in runs.values()] == ["layernorm_eps", "custom_op"] and len(trained) == 2
+    for _ in range(2):
+        clinic.run_case("mystery", fixed=True, steps=2, norm_fn=clinic.layer_norm_one_pass)
+    assert len(trained) == 4, "a run with the reader's norm_fn is trained every time"

@@ -273,6 +273,24 @@ def _remove(path: Path) -> None:
 BUSY = object()  # what ``cached(..., wait=False)`` returns while another process builds the entry
 
 
+def split_with_other_processes(jobs: dict[str, Callable[[bool], T]]) -> dict[str, T]:
+    """Run cached jobs that another process may need at the same time; returns {name: result}, in ``jobs``' order.
+
+    ``job(wait)`` returns its result, or ``BUSY`` when ``wait`` is False and another process is
+    building that entry now (``cached(..., wait=wait)``). First every job nobody else is building
+    runs, then the others are waited for: two processes that need the same entries (a chapter and
+    its Colab notebook, built side by side) each build about half.
+    """
+    done = {}
+    for wait in (False, True):
+        for name, job in jobs.items():
+            if name not in done:
+                result = job(wait)
+                if result is not BUSY:
+                    done[name] = result
+    return {name: done[name] for name in jobs}
+
+
 def cached(kind: str, config: dict, build: Callable[[Path], T], load: Callable[[Path], T], wait: bool = True) -> T:
     """``load(entry)`` if a verified entry for ``kind`` and ``config`` exists, else ``build(tmp)`` and publish it.
 

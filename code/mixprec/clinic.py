@@ -27,6 +27,7 @@ one, and both report whether the model learned the task.
 
 from __future__ import annotations
 
+import json
 import math
 from dataclasses import dataclass
 
@@ -309,6 +310,14 @@ class CaseRun(TrainHistory):
     first_failure: NonFinite | None = None  # what the tracer found on the first step with an inf or NaN
     failure_step: int | None = None
 
+    @classmethod
+    def from_dict(cls, data: dict) -> CaseRun:
+        """The inverse of ``as_dict`` (a cached run read back)."""
+        failure = data.get("first_failure")
+        if failure is not None:
+            failure = NonFinite(**{**failure, "shape": tuple(failure["shape"])})
+        return cls(**{**data, "first_failure": failure})
+
     @property
     def trained(self) -> bool:
         """Learned the task: >= 90% held-out accuracy, and the last quarter of steps finite and not skipped."""
@@ -318,7 +327,7 @@ class CaseRun(TrainHistory):
 
 
 def run_case(case: str, fixed: bool, steps: int = 300, batch_size: int = 64, seed: int = 0, device: str | torch.device = "cpu",
-             trace: bool = True, progress: bool = False, norm_fn=None, trace_steps: int | None = None) -> CaseRun:
+             trace: bool = True, progress: bool = False, norm_fn=None, trace_steps: int | None = None, wait: bool = True) -> CaseRun:
     """Train the case's model (broken, or with its fix) with ``mixprec.step.train_step`` and report what happened.
 
     Each case trains under its policy (``Case.precision``, see the module docstring).
@@ -328,11 +337,40 @@ def run_case(case: str, fixed: bool, steps: int = 300, batch_size: int = 64, see
     trace_steps: trace only the first this many steps (None: all). Tracing costs a few steps' time
         each; a run that finds nothing (a fixed case) pays it on every step it traces.
     norm_fn: for the mystery case, the reader's ``fn(x, weight, bias, eps)`` used as the fix.
+
+    A run is a pure function of these settings and the library, so it is cached (``mixprec.cache``)
+    like ``story.compare``'s runs, except one with the reader's ``norm_fn``. ``wait=False``: return
+    ``cache.BUSY`` if another process is training this run now (see ``run_cases``).
     """
     if case not in CASES and case != MYSTERY.name:
         raise ValueError(f"unknown case {case!r}; valid: {', '.join(CASES)}")
+    settings = dict(case=case, fixed=fixed, steps=steps, batch_size=batch_size, seed=seed, device=torch.device(device),
+                    trace=trace, trace_steps=trace_steps)
+    if norm_fn is not None:
+        return _train_case(**settings, progress=progress, norm_fn=norm_fn)
+    from .cache import cached, write_json
+
+    def build(directory):
+        run = _train_case(**settings, progress=progress)
+        write_json(directory / "run.json", run.as_dict())
+        return run
+
+    def load(directory):
+        return CaseRun.from_dict(json.loads((directory / "run.json").read_text()))
+
+    return cached("clinic", {**settings, "device": str(settings["device"])}, build, load, wait=wait)
+
+
+def run_cases(runs: dict[str, dict], **options) -> dict[str, CaseRun]:
+    """``run_case(**runs[name], **options)`` for every name; two processes that need the same runs split them."""
+    from .cache import split_with_other_processes
+
+    return split_with_other_processes({name: lambda wait, name=name: run_case(**runs[name], **options, wait=wait) for name in runs})
+
+
+def _train_case(case: str, fixed: bool, steps: int, batch_size: int, seed: int, device: torch.device, trace: bool,
+                trace_steps: int | None, progress: bool = False, norm_fn=None) -> CaseRun:
     spec = CASES.get(case, MYSTERY)
-    device = torch.device(device)
     if case == MYSTERY.name:
         model = ClinicModel(MYSTERY.name, seed=seed, norm_fn=norm_fn if fixed else None).to(device)
     else:

@@ -219,19 +219,14 @@ def compare(setups: dict[str, str | dict], data: TokenData, vocab_size: int, eos
     """
     if not isinstance(setups, dict) or not setups:
         raise ValueError("setups must be a non-empty dict {label: policy name or dict of train options}")
-    from ..cache import BUSY
+    from ..cache import split_with_other_processes
 
     options = {name: {"seed": seed, **train_options, **({"precision": setup} if isinstance(setup, str) else dict(setup))}
                for name, setup in setups.items()}
-    done = {}
-    # Two processes that need the same runs (a chapter and its Colab notebook, built side by side) share
-    # them: each first trains the runs no other process is training, then waits for the others' results.
-    for wait in (False, True):
-        for name in setups:
-            if name not in done:
-                result = _one_run(size, vocab_size, eos_token_id, seed, data, options[name], keep_model=models is not None, wait=wait)
-                if result is not BUSY:
-                    done[name] = result
+    done = split_with_other_processes(
+        {name: lambda wait, name=name: _one_run(size, vocab_size, eos_token_id, seed, data, options[name], keep_model=models is not None,
+                                                wait=wait)
+         for name in setups})
     if models is not None:
         models.update({name: done[name][1] for name in setups})
     return {name: done[name][0] for name in setups}
