@@ -118,14 +118,15 @@ def main(argv: list[str] | None = None) -> int:
     (out / MARKER).write_text("a build folder of bench/book_budget.py: its next run with --out here empties it\n")
     cache, mixprec_cache = out / "jupyter_cache", out / "mixprec_cache"
     timings = out / "cell_timings.jsonl"
+    # One thread, as the test command builds the book (tests/conftest.py): the trained weights and runs depend on
+    # the thread count, and the chapters' assertions were measured on one thread.
     env = {**os.environ, "BOOK_JUPYTER_CACHE": str(cache), "MIXPREC_CACHE": str(mixprec_cache), "BOOK_BUDGET_TIMINGS": str(timings),
-           "BOOK_TIMEOUT_SCALE": str(args.timeout_scale)}
+           "BOOK_TIMEOUT_SCALE": str(args.timeout_scale), "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
     env.pop("BOOK_EXECUTE", None)  # cache mode: the executions are recorded in the (empty) cache
     load_before = os.getloadavg()[0]
     # the storyteller seven chapters share, built first as the test command builds it (python -m mixprec.story.warm)
     start = time.perf_counter()
-    # one thread, as the test command trains it: the weights depend on the thread count, the chapters' assertions were measured on this one
-    warm = subprocess.run([sys.executable, "-m", "mixprec.story.warm"], env={**env, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"},
+    warm = subprocess.run([sys.executable, "-m", "mixprec.story.warm"], env=env,
                           cwd=ROOT, capture_output=True, text=True)
     warm_s = time.perf_counter() - start
     if warm.returncode != 0:
