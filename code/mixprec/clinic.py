@@ -344,7 +344,7 @@ def run_case(case: str, fixed: bool, steps: int = 300, batch_size: int = 64, see
     """
     if case not in CASES and case != MYSTERY.name:
         raise ValueError(f"unknown case {case!r}; valid: {', '.join(CASES)}")
-    settings = dict(case=case, fixed=fixed, steps=steps, batch_size=batch_size, seed=seed, device=torch.device(device),
+    settings = dict(case=case, fixed=fixed, steps=steps, batch_size=batch_size, seed=seed, device=str(torch.device(device)),
                     trace=trace, trace_steps=trace_steps)
     if norm_fn is not None:
         return _train_case(**settings, progress=progress, norm_fn=norm_fn)
@@ -358,7 +358,7 @@ def run_case(case: str, fixed: bool, steps: int = 300, batch_size: int = 64, see
     def load(directory):
         return CaseRun.from_dict(json.loads((directory / "run.json").read_text()))
 
-    return cached("clinic", {**settings, "device": str(settings["device"])}, build, load, wait=wait)
+    return cached("clinic", settings, build, load, wait=wait)
 
 
 def run_cases(runs: dict[str, dict], **options) -> dict[str, CaseRun]:
@@ -368,9 +368,10 @@ def run_cases(runs: dict[str, dict], **options) -> dict[str, CaseRun]:
     return split_with_other_processes({name: lambda wait, name=name: run_case(**runs[name], **options, wait=wait) for name in runs})
 
 
-def _train_case(case: str, fixed: bool, steps: int, batch_size: int, seed: int, device: torch.device, trace: bool,
+def _train_case(case: str, fixed: bool, steps: int, batch_size: int, seed: int, device: str, trace: bool,
                 trace_steps: int | None, progress: bool = False, norm_fn=None) -> CaseRun:
     spec = CASES.get(case, MYSTERY)
+    device = torch.device(device)
     if case == MYSTERY.name:
         model = ClinicModel(MYSTERY.name, seed=seed, norm_fn=norm_fn if fixed else None).to(device)
     else:
